@@ -1,0 +1,37 @@
+# keras_transfer developer targets. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+export KERAS_BACKEND := tensorflow
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install lint format test test-fast demo clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so `make test` stays idempotent and quick.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check keras_transfer tests benchmarks
+	$(VENV)/bin/ruff format --check keras_transfer tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix keras_transfer tests benchmarks
+	$(VENV)/bin/ruff format keras_transfer tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
