@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export KERAS_BACKEND := tensorflow
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install lint format test test-fast demo clean
+.PHONY: install assets lint format test test-fast demo clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Offline assets the tests and the demo use (real ImageNet weights, a real dataset); filled in by the
+# main-job work. Idempotent: does nothing when they are already present.
+assets: install
+
 lint: install
 	$(VENV)/bin/ruff check keras_transfer tests benchmarks
 	$(VENV)/bin/ruff format --check keras_transfer tests benchmarks
@@ -27,10 +31,10 @@ format: install
 	$(VENV)/bin/ruff check --fix keras_transfer tests benchmarks
 	$(VENV)/bin/ruff format keras_transfer tests benchmarks
 
-test: install lint
+test: install lint assets
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install assets
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
