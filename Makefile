@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "tensorflow-serving-api==2.21.0"
 	touch $(STAMP)
 
 # Offline assets the tests and the demo use (real ImageNet weights, a real dataset); filled in by the
