@@ -61,7 +61,7 @@ TORCH_BN_EPSILON = 1e-5
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-# --- architectures table ---------------------------------------------------------------------------
+# --- architectures table --------------------------------------------------------------------------
 
 
 def _mobilenet_v2_file_name(alpha: float, size: int, include_top: bool) -> str:
@@ -375,7 +375,7 @@ def _dense_weights(layer, take) -> list[np.ndarray]:
 
 def _batch_norm_weights(layer, take, torch_epsilon: float) -> list[np.ndarray]:
     gamma, beta, mean, var = take(), take(), take(), take()
-    # Same inference output with Keras' epsilon: gamma' / sqrt(var + eps_k) == gamma / sqrt(var + eps_t).
+    # Keeps inference output with Keras' epsilon: gamma'/sqrt(var+eps_k) == gamma/sqrt(var+eps_t).
     gamma = gamma * np.sqrt(var + layer.epsilon) / np.sqrt(var + torch_epsilon)
     values = []
     if layer.scale:
@@ -447,7 +447,7 @@ def _load_tensors_into(model, tensors: dict[str, np.ndarray], arch: TorchvisionA
         )
 
 
-# --- writing the files Keras looks for -------------------------------------------------------------
+# --- writing the files Keras looks for ------------------------------------------------------------
 
 
 def _write_legacy_h5(model, path: pathlib.Path, marker: str) -> None:
@@ -689,7 +689,7 @@ def import_torchvision(
         if path is None:
             raise FileNotFoundError(
                 f"No downloaded checkpoint for `{arch}` in {default_download_dir()}. Run "
-                f"`keras-transfer weights fetch {arch}` (or `make assets`), or pass the `.pth` path."
+                f"`keras-transfer weights fetch {arch}` (or `make assets`), or pass the path."
             )
     tensors = read_torch_checkpoint(path)
     source = str(path)
@@ -698,7 +698,7 @@ def import_torchvision(
         if count != spec.num_parameters:
             raise ValueError(
                 f"{source} holds {count:,} parameters; torchvision's `{spec.checkpoint}` for "
-                f"`{arch}` has {spec.num_parameters:,}. Pass the right checkpoint, or fetch it with "
+                f"`{arch}` has {spec.num_parameters:,}. Pass the right checkpoint or fetch it with "
                 f"`keras-transfer weights fetch {arch}`."
             )
 
