@@ -1,6 +1,6 @@
 """Exports that TF Serving loads as they are, and their verification in a clean process.
 
-`export_for_serving` writes `<base_path>/<version>/`, a SavedModel with two signatures that carry the
+`export_for_serving` writes `<base_path>/<version>/`: a SavedModel whose two signatures carry the
 whole input pipeline (resizing, channel handling, image decoding, the model's own preprocessing), a
 `.keras` copy beside it, TF Serving warm-up requests and, on request, a TFLite file. `verify_export`
 loads the SavedModel in a separate Python process in which `keras` and `keras_transfer` cannot be
@@ -93,7 +93,7 @@ class ExportSpec:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-# --- model inspection ------------------------------------------------------------------------------
+# --- model inspection -----------------------------------------------------------------------------
 
 
 def _check_model(model: Any, image_size: Sequence[int] | None) -> tuple[tuple[int, int], int]:
@@ -177,7 +177,7 @@ def _output_names(head: str) -> tuple[str, ...]:
     return ("predictions",)
 
 
-# --- the serving graph -----------------------------------------------------------------------------
+# --- the serving graph ----------------------------------------------------------------------------
 
 
 def _resize(images, size: tuple[int, int]):
@@ -384,7 +384,7 @@ def _input_signatures() -> dict[str, Any]:
     }
 
 
-# --- export ----------------------------------------------------------------------------------------
+# --- export ---------------------------------------------------------------------------------------
 
 
 def validate_model_name(name: str) -> str:
@@ -629,7 +629,7 @@ def export_tflite(model: Any, path: str | os.PathLike, spec: ExportSpec) -> Path
     return Path(path)
 
 
-# --- TF Serving extras -----------------------------------------------------------------------------
+# --- TF Serving extras ----------------------------------------------------------------------------
 
 
 def _serving_protos():
@@ -772,7 +772,7 @@ def write_models_config(
     return text
 
 
-# --- verification ----------------------------------------------------------------------------------
+# --- verification ---------------------------------------------------------------------------------
 
 
 def _bmp_bytes(pixels: np.ndarray) -> bytes:
