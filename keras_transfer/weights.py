@@ -310,10 +310,17 @@ def _read_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
             return _read_bytes(archive.read(members[0]), f"{source}!{members[0]}")
     try:
         return _read_legacy(data)
-    except (pickle.UnpicklingError, EOFError, struct.error, KeyError) as error:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        struct.error,
+        KeyError,
+        TypeError,
+        IndexError,
+    ) as error:
         raise ValueError(
-            f"Could not read {source} as a torch checkpoint: {error}. Expected a `.pth` file "
-            "(zip or legacy format) or a wheel/zip containing one."
+            f"Could not read {source} as a torch checkpoint ({str(error).rstrip('.')}). "
+            "Expected a `.pth` file (zip or legacy format) or a wheel/zip containing one."
         ) from error
 
 
