@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 # Offline assets the tests and the demo use (real ImageNet weights, a real dataset); filled in by the
 # main-job work. Idempotent: does nothing when they are already present.
 assets: install
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then \
+	  echo "Installing Debian package dataset-fashion-mnist (Fashion-MNIST, MIT licence)"; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	$(PY) -m keras_transfer.weights download mobilenet_v2
 
 lint: install
 	$(VENV)/bin/ruff check keras_transfer tests benchmarks
