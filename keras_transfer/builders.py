@@ -1,0 +1,305 @@
+"""Builders: a `keras.applications` backbone plus a new head, as a plain Functional `keras.Model`.
+
+The graph is always: raw pixels in [0, 255] -> optional augmentation (active only in training) ->
+the backbone's own preprocessing -> backbone called with `training=False` (BatchNorm stays in
+inference mode, whatever is unfrozen later) -> pooling -> head. Everything is a built-in Keras
+layer or a registered keras_transfer layer, so `.keras` files reload without `custom_objects` and
+SavedModel exports carry the preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import keras
+
+from keras_transfer.backbones import Backbone, get_backbone
+from keras_transfer.layers import BackbonePreprocessing
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "predictions"
+POOLING = ("avg", "max", "flatten")
+
+
+def default_augmentation() -> list[keras.layers.Layer]:
+    """A mild, label-preserving augmentation for photos: flips, small rotations and zooms."""
+    return [
+        keras.layers.RandomFlip("horizontal"),
+        keras.layers.RandomRotation(0.05),
+        keras.layers.RandomZoom(0.1),
+    ]
+
+
+def _image_size(spec: Backbone, image_size) -> tuple[int, int]:
+    if image_size is None:
+        return (spec.default_size, spec.default_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        raise TypeError(
+            "`image_size` must be an int or a (height, width) pair of ints. "
+            f"Received: image_size={image_size!r}"
+        )
+    if min(size) < spec.min_size:
+        raise ValueError(
+            f"`image_size` {image_size!r} is below {spec.name}'s minimum of {spec.min_size} px. "
+            f"Use image_size >= {spec.min_size} (its ImageNet weights were trained at "
+            f"{spec.default_size}), or pick a backbone with a smaller minimum."
+        )
+    return size
+
+
+def _check_weights(spec: Backbone, weights, channels: int, size: tuple[int, int], kwargs) -> str:
+    """Validates `weights` and returns the preprocessing mode the loaded weights expect."""
+    if weights is None:
+        return spec.preprocessing
+    if not isinstance(weights, str | os.PathLike):
+        raise TypeError(
+            "`weights` must be 'imagenet', None (random init) or a path to a weights file. "
+            f"Received: weights={weights!r}"
+        )
+    if str(weights) == "imagenet":
+        if spec.imagenet_sizes and size[0] not in spec.imagenet_sizes:
+            raise ValueError(
+                f"{spec.name}'s ImageNet weights exist only at image_size "
+                f"{spec.imagenet_sizes}. Received: image_size={size}. Use one of those sizes or "
+                "weights=None."
+            )
+        from keras_transfer import weights as imported
+
+        # Weights imported from torchvision expect torch's mean/std, not the Keras preprocessing.
+        alpha = kwargs.get("alpha", 1.0)
+        if spec.name in imported.IMPORTED_PREPROCESSING and imported.imported_weights_available(
+            spec.name, alpha, size[0]
+        ):
+            return imported.IMPORTED_PREPROCESSING[spec.name]
+        return spec.preprocessing
+    if not os.path.isfile(weights):
+        raise ValueError(
+            "`weights` must be 'imagenet', None or the path of an existing weights file. "
+            f"Received: weights={str(weights)!r}, which is not a file. Check the path, or pass "
+            "weights=None to start from random initialisation."
+        )
+    return spec.preprocessing
+
+
+def _backbone_features(
+    backbone: str | Backbone,
+    *,
+    image_size,
+    weights,
+    channels: int,
+    augmentation,
+    pooling: str | None,
+    backbone_kwargs: dict,
+) -> tuple[keras.KerasTensor, keras.KerasTensor, Backbone]:
+    """Builds inputs -> augmentation -> preprocessing -> backbone -> pooling; returns (in, out)."""
+    spec = get_backbone(backbone)
+    size = _image_size(spec, image_size)
+    if channels not in (1, 3):
+        raise ValueError(
+            "`channels` must be 1 (greyscale, replicated to RGB inside the model) or 3 (RGB); "
+            f"ImageNet backbones take 3-channel images. Received: channels={channels!r}. "
+            "Convert other images to greyscale or RGB first."
+        )
+    if pooling not in POOLING:
+        raise ValueError(
+            f"Unknown `pooling` type. Pooling should be one of {POOLING}. "
+            f"Received: pooling={pooling!r}"
+        )
+    for reserved in ("include_top", "input_shape", "input_tensor", "pooling", "classes"):
+        if reserved in backbone_kwargs:
+            raise ValueError(
+                f"`{reserved}` is set by the builder, not passed through to the backbone: the "
+                "builder always takes the headless backbone and adds its own head. Received: "
+                f"{reserved}={backbone_kwargs[reserved]!r}. Use `num_classes`, `image_size`, "
+                "`channels` and `pooling` instead."
+            )
+    mode = _check_weights(spec, weights, channels, size, backbone_kwargs)
+
+    inputs = keras.Input(shape=(*size, channels), name=INPUT_NAME, dtype="float32")
+    x = inputs
+    if augmentation:
+        if augmentation == "default":
+            augmentation = default_augmentation()
+        if not isinstance(augmentation, keras.Sequential):
+            if isinstance(augmentation, keras.layers.Layer):
+                augmentation = [augmentation]
+            augmentation = keras.Sequential(list(augmentation), name="augmentation")
+        x = augmentation(x)
+    if channels == 1:
+        x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    x = BackbonePreprocessing(mode, name="preprocessing")(x)
+    try:
+        base = spec.constructor(
+            include_top=False,
+            weights=None if weights is None else str(weights),
+            input_shape=(*size, 3),
+            name=spec.name,
+            **backbone_kwargs,
+        )
+    except Exception as error:
+        if weights is None:
+            raise
+        if str(weights) == "imagenet":
+            raise ValueError(
+                f"Could not load ImageNet weights for {spec.name} ({error}). Offline, import them "
+                "first: `keras-transfer weights fetch` (MobileNetV2, from torchvision's "
+                "checkpoint), or pass weights=None or a weights file."
+            ) from error
+        raise ValueError(
+            f"`weights` file {str(weights)!r} does not fit {spec.name} with "
+            f"{backbone_kwargs or 'default arguments'}: {error}. Pass the weights file saved from "
+            "the same architecture and width, or weights=None."
+        ) from error
+    x = base(x, training=False)
+    if pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="pooling")(x)
+    else:
+        x = keras.layers.Flatten(name="pooling")(x)
+    return inputs, x, spec
+
+
+def _head(x, units: int, activation: str | None, hidden_units: Sequence[int], dropout: float):
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+    for i, width in enumerate(hidden_units):
+        x = keras.layers.Dense(width, activation="relu", name=f"head_dense_{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
+    if dropout and not hidden_units:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    # float32 output even under a mixed-precision policy: softmax/sigmoid in float16 saturates.
+    return keras.layers.Dense(units, activation=activation, name=OUTPUT_NAME, dtype="float32")(x)
+
+
+def build_classifier(
+    backbone: str | Backbone,
+    num_classes: int,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    weights: str | os.PathLike | None = "imagenet",
+    pooling: str = "avg",
+    dropout: float = 0.2,
+    hidden_units: Sequence[int] = (),
+    multi_label: bool = False,
+    augmentation: str | keras.layers.Layer | Sequence[keras.layers.Layer] | None = None,
+    channels: int = 3,
+    name: str | None = None,
+    **backbone_kwargs,
+) -> keras.Model:
+    """Builds an image classifier on a pretrained backbone, preprocessing included.
+
+    Args:
+        backbone: Registry name (see `kt.list_backbones()`), e.g. `"mobilenet_v2"`.
+        num_classes: Number of classes; at least 2 for single-label (softmax) heads. For a binary
+            problem with one output use `multi_label=True, num_classes=1`.
+        image_size: Side or (height, width) of the model's input; defaults to the backbone's
+            ImageNet size. At least the backbone's minimum.
+        weights: `"imagenet"`, `None` (random init) or the path of a weights file of the same
+            backbone.
+        pooling: `"avg"`, `"max"` or `"flatten"` over the backbone's feature map.
+        dropout: Dropout rate before each Dense layer of the head.
+        hidden_units: Widths of optional ReLU Dense layers between pooling and the output.
+        multi_label: Sigmoid outputs (independent labels) instead of a softmax.
+        augmentation: `"default"`, a layer, or a list of layers (e.g. `keras.layers.RandomFlip`);
+            Keras runs them only in training.
+        channels: 3 for RGB input, 1 for greyscale (replicated to RGB inside the model).
+        name: Model name; defaults to `"<backbone>_classifier"`.
+        **backbone_kwargs: Passed to the `keras.applications` constructor (e.g. `alpha=0.35`).
+
+    Returns:
+        A Functional `keras.Model` taking float32 pixels in [0, 255] of shape
+        `(batch, height, width, channels)` (input name `"images"`) and returning class
+        probabilities (output layer `"predictions"`, float32). The backbone is the nested model
+        named after its registry entry.
+
+    Raises:
+        ValueError: for an unknown backbone, a size below the minimum, a bad `num_classes`,
+            `pooling`, `channels` or `weights`.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    >>> model.output_shape
+    (None, 3)
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(
+            f"`num_classes` must be a positive int. Received: num_classes={num_classes!r}"
+        )
+    if num_classes < 2 and not multi_label:
+        raise ValueError(
+            "`num_classes` must be at least 2 for a softmax classifier (one class always gets "
+            f"probability 1). Received: num_classes={num_classes!r}. For a binary problem use "
+            "num_classes=2, or num_classes=1 with multi_label=True (one sigmoid output)."
+        )
+    inputs, x, spec = _backbone_features(
+        backbone,
+        image_size=image_size,
+        weights=weights,
+        channels=channels,
+        augmentation=augmentation,
+        pooling=pooling,
+        backbone_kwargs=backbone_kwargs,
+    )
+    outputs = _head(x, num_classes, "sigmoid" if multi_label else "softmax", hidden_units, dropout)
+    return keras.Model(inputs, outputs, name=name or f"{spec.name}_classifier")
+
+
+def build_regressor(
+    backbone: str | Backbone,
+    outputs: int = 1,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    weights: str | os.PathLike | None = "imagenet",
+    pooling: str = "avg",
+    dropout: float = 0.2,
+    hidden_units: Sequence[int] = (),
+    augmentation: str | keras.layers.Layer | Sequence[keras.layers.Layer] | None = None,
+    channels: int = 3,
+    name: str | None = None,
+    **backbone_kwargs,
+) -> keras.Model:
+    """Builds an image regressor (linear outputs) on a pretrained backbone.
+
+    Args:
+        backbone: Registry name, e.g. `"efficientnet_b0"`.
+        outputs: Number of regression targets.
+        image_size: See `build_classifier`.
+        weights: See `build_classifier`.
+        pooling: See `build_classifier`.
+        dropout: See `build_classifier`.
+        hidden_units: See `build_classifier`.
+        augmentation: See `build_classifier`.
+        channels: See `build_classifier`.
+        name: Model name; defaults to `"<backbone>_regressor"`.
+        **backbone_kwargs: Passed to the `keras.applications` constructor.
+
+    Returns:
+        A Functional `keras.Model` with linear float32 outputs of shape `(batch, outputs)`.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_regressor("mobilenet_v2", image_size=32, weights=None, alpha=0.35)
+    >>> model.output_shape
+    (None, 1)
+    """
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
+        raise ValueError(f"`outputs` must be a positive int. Received: outputs={outputs!r}")
+    inputs, x, spec = _backbone_features(
+        backbone,
+        image_size=image_size,
+        weights=weights,
+        channels=channels,
+        augmentation=augmentation,
+        pooling=pooling,
+        backbone_kwargs=backbone_kwargs,
+    )
+    return keras.Model(
+        inputs,
+        _head(x, outputs, None, hidden_units, dropout),
+        name=name or f"{spec.name}_regressor",
+    )

@@ -1,0 +1,319 @@
+"""BatchNorm-safe freezing and partial unfreezing of a model's backbone, by block, fraction or name.
+
+Two traps are closed here. BatchNormalization layers stay frozen when a backbone is unfrozen
+(the builders also call the backbone with `training=False`, so their moving statistics never
+move). And a compiled model is recompiled after its trainable set changes, because Keras keeps
+training the variables it compiled with until it is compiled again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import keras
+
+from keras_transfer.backbones import REGISTRY, unfreeze_points
+
+logger = logging.getLogger(__name__)
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    """Returns the backbone nested in `model` (as built by `kt.build_classifier`).
+
+    The backbone is the nested Functional model named after a registry entry; failing that, the
+    only nested non-Sequential model.
+
+    Raises:
+        ValueError: if `model` holds no nested backbone model.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model. Received: model={model!r}")
+    nested = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential)
+    ]
+    for layer in nested:
+        if layer.name in REGISTRY:
+            return layer
+    if len(nested) == 1:
+        return nested[0]
+    raise ValueError(
+        f"Could not find the backbone in model {model.name!r}: expected exactly one nested "
+        f"backbone model, found {[layer.name for layer in nested]}. Build the model with "
+        "kt.build_classifier / kt.build_regressor, or nest your backbone as one Functional model."
+    )
+
+
+def _all_layers(layer: keras.layers.Layer):
+    yield layer
+    for sub in getattr(layer, "layers", ()):
+        yield from _all_layers(sub)
+
+
+def _freeze_batchnorm(backbone: keras.Model) -> None:
+    for layer in _all_layers(backbone):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def _recompile(model: keras.Model) -> None:
+    """Recompiles a compiled model so that `fit` sees its new trainable variables."""
+    if not model.compiled:
+        return
+    config = model.get_compile_config()
+    with model.distribute_strategy.scope():
+        model.compile_from_config(config)
+    logger.info("Recompiled %s so that its new trainable set takes effect.", model.name)
+
+
+def freeze_backbone(model: keras.Model) -> keras.Model:
+    """Freezes the whole backbone of `model`; the head stays trainable.
+
+    A compiled model is recompiled (same optimizer config, fresh state) so the change takes effect.
+
+    Args:
+        model: A model built by `kt.build_classifier` or `kt.build_regressor`.
+
+    Returns:
+        `model`, for chaining.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    >>> model = kt.freeze_backbone(model)
+    >>> kt.find_backbone(model).trainable
+    False
+    """
+    backbone = find_backbone(model)
+    backbone.trainable = False
+    _recompile(model)
+    return model
+
+
+def _cut_for_fraction(backbone: keras.Model, points: list[str], fraction: float) -> int:
+    """Position of the last frozen operation so that at least `fraction` of weighted layers train.
+
+    Snaps to the nearest unfreeze point at or below the exact count, so the cut stays a
+    single-tensor boundary.
+    """
+    ops = backbone.operations
+    weighted = [i for i, op in enumerate(ops) if getattr(op, "weights", None)]
+    needed = math.ceil(fraction * len(weighted))
+    if needed == 0:
+        return len(ops) - 1
+    index = {op.name: i for i, op in enumerate(ops)}
+    for name in points:  # from the top
+        cut = index[name]
+        if sum(1 for i in weighted if i > cut) >= needed:
+            return cut
+    return -1
+
+
+def plan_unfreeze(
+    model: keras.Model,
+    blocks: int | None = None,
+    *,
+    fraction: float | None = None,
+    from_layer: str | None = None,
+) -> int:
+    """Validates `kt.unfreeze` arguments and returns the position of the cut, changing nothing.
+
+    Returns:
+        Index into the backbone's `operations` of the last frozen operation (-1: none frozen).
+    """
+    given = {"blocks": blocks, "fraction": fraction, "from_layer": from_layer}
+    chosen = [k for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        raise ValueError(
+            "Give exactly one of `blocks`, `fraction` or `from_layer` to say how much of the "
+            f"backbone trains. Received: {', '.join(f'{k}={v!r}' for k, v in given.items())}. "
+            "For example unfreeze(model, blocks=2)."
+        )
+    backbone = find_backbone(model)
+    ops = backbone.operations
+    spec = REGISTRY.get(backbone.name)
+    points = unfreeze_points(backbone, spec) if spec else []
+
+    if blocks is not None:
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
+            raise ValueError(f"`blocks` must be an int >= 0. Received: blocks={blocks!r}")
+        if spec is None:
+            raise ValueError(
+                f"Backbone {backbone.name!r} is not in the registry, so its blocks are unknown. "
+                f"Received: blocks={blocks}. Use from_layer='<layer name>' or fraction= instead."
+            )
+        if blocks > len(points):
+            raise ValueError(
+                f"`blocks` must be at most {len(points)}: {spec.name} has {len(points)} unfreeze "
+                f"points. Received: blocks={blocks}. Use blocks <= {len(points)}, or "
+                "fraction=1.0 to train the whole backbone."
+            )
+        return len(ops) - 1 if blocks == 0 else [op.name for op in ops].index(points[blocks - 1])
+    elif fraction is not None:
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0.0 <= fraction <= 1.0
+        ):
+            raise ValueError(
+                f"`fraction` must be a number in [0, 1]. Received: fraction={fraction!r}. "
+                "Use e.g. fraction=0.3 to train the top 30% of the backbone's layers."
+            )
+        return _cut_for_fraction(backbone, points, float(fraction))
+    else:
+        names = [op.name for op in ops]
+        if from_layer not in names:
+            close = difflib.get_close_matches(str(from_layer), names, n=3)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"Unknown `from_layer` {from_layer!r}: no such layer in backbone "
+                f"{backbone.name!r}.{hint} See kt.unfreeze_points(kt.find_backbone(model)) for "
+                f"block boundaries. Received: from_layer={from_layer!r}"
+            )
+        return names.index(from_layer) - 1
+
+
+def unfreeze(
+    model: keras.Model,
+    blocks: int | None = None,
+    *,
+    fraction: float | None = None,
+    from_layer: str | None = None,
+    train_batchnorm: bool = False,
+) -> str | None:
+    """Unfreezes the top of `model`'s backbone; the rest stays frozen.
+
+    Give exactly one of `blocks`, `fraction` or `from_layer`. Blocks are counted from the top at
+    the backbone's unfreeze points (`kt.unfreeze_points`), where one tensor crosses the cut, so
+    the frozen part can be cached. BatchNormalization layers stay frozen unless `train_batchnorm`.
+    A compiled model is recompiled so the change takes effect.
+
+    Args:
+        model: A model built by `kt.build_classifier` or `kt.build_regressor`.
+        blocks: Number of top blocks to train (0 trains none of the backbone).
+        fraction: Fraction in [0, 1] of the backbone's weighted layers to train, rounded up to
+            the next block boundary. 1.0 trains the whole backbone.
+        from_layer: Name of the first backbone layer to train; it and every layer after it train.
+        train_batchnorm: Also train BatchNormalization gamma/beta (moving statistics still stay
+            fixed, as the backbone runs in inference mode).
+
+    Returns:
+        The name of the last frozen operation of the backbone (the cut), or None when the whole
+        backbone trains.
+
+    Raises:
+        ValueError: for zero or several of `blocks`/`fraction`/`from_layer`, more blocks than the
+            backbone has, a fraction outside [0, 1] or an unknown layer name.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    >>> kt.unfreeze(model, blocks=2)
+    'block_15_add'
+    """
+    cut = plan_unfreeze(model, blocks, fraction=fraction, from_layer=from_layer)
+    backbone = find_backbone(model)
+    ops = backbone.operations
+    backbone.trainable = True
+    for i, op in enumerate(ops):
+        if isinstance(op, keras.layers.Layer):
+            op.trainable = i > cut
+    if not train_batchnorm:
+        _freeze_batchnorm(backbone)
+    _recompile(model)
+    return ops[cut].name if cut >= 0 else None
+
+
+@dataclass
+class TrainableSummary:
+    """What trains in a model: parameter counts, backbone blocks and layers.
+
+    Attributes:
+        model_name: The model's name.
+        trainable_params: Number of trainable parameters in the whole model.
+        total_params: Number of parameters in the whole model.
+        backbone_name: Name of the nested backbone.
+        backbone_trainable_params: Trainable parameters inside the backbone.
+        trainable_blocks: Top blocks of the backbone with trainable weights.
+        total_blocks: Blocks the backbone has (unfreeze points + 1).
+        trainable_layers: Names of the layers with trainable weights, bottom to top.
+        batchnorm_trainable: Whether any backbone BatchNormalization layer trains.
+    """
+
+    model_name: str
+    trainable_params: int
+    total_params: int
+    backbone_name: str
+    backbone_trainable_params: int
+    trainable_blocks: int
+    total_blocks: int
+    trainable_layers: list[str] = field(default_factory=list)
+    batchnorm_trainable: bool = False
+
+    def __str__(self) -> str:
+        share = self.trainable_params / max(self.total_params, 1)
+        lines = [
+            f"{self.model_name}: {self.trainable_params:,} of {self.total_params:,} parameters "
+            f"train ({share:.1%})",
+            f"  backbone {self.backbone_name}: {self.trainable_blocks} of {self.total_blocks} "
+            f"blocks train, {self.backbone_trainable_params:,} parameters; BatchNorm "
+            f"{'trains' if self.batchnorm_trainable else 'frozen'}",
+            f"  trainable layers ({len(self.trainable_layers)}): "
+            + ", ".join(self.trainable_layers[-12:])
+            + (" ..." if len(self.trainable_layers) > 12 else ""),
+        ]
+        return "\n".join(lines)
+
+
+def _count(variables) -> int:
+    return int(sum(math.prod(v.shape) for v in variables))
+
+
+def trainable_summary(model: keras.Model) -> TrainableSummary:
+    """Tells which backbone blocks and layers train and how many parameters that is.
+
+    Args:
+        model: A model built by `kt.build_classifier` or `kt.build_regressor`.
+
+    Returns:
+        A `TrainableSummary`; `print()` it for a readable report.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    >>> _ = kt.unfreeze(model, blocks=1)
+    >>> kt.trainable_summary(model).trainable_blocks
+    1
+    """
+    backbone = find_backbone(model)
+    spec = REGISTRY.get(backbone.name)
+    points = unfreeze_points(backbone, spec) if spec else []
+    ops = backbone.operations
+    index = {op.name: i for i, op in enumerate(ops)}
+    trainable_positions = [i for i, op in enumerate(ops) if getattr(op, "trainable_weights", None)]
+    # Block 1 is above the topmost unfreeze point, block 2 between the first two, and so on.
+    boundaries = [index[name] for name in points]
+    trainable_blocks = len({1 + sum(b >= i for b in boundaries) for i in trainable_positions})
+    layers = [
+        layer.name for layer in model.layers if layer is not backbone and layer.trainable_weights
+    ]
+    backbone_layers = [ops[i].name for i in trainable_positions]
+    return TrainableSummary(
+        model_name=model.name,
+        trainable_params=_count(model.trainable_weights),
+        total_params=_count(model.weights),
+        backbone_name=backbone.name,
+        backbone_trainable_params=_count(backbone.trainable_weights),
+        trainable_blocks=trainable_blocks,
+        total_blocks=len(points) + 1,
+        trainable_layers=backbone_layers + layers,
+        batchnorm_trainable=any(
+            layer.trainable_weights
+            for layer in _all_layers(backbone)
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ),
+    )
