@@ -193,6 +193,14 @@ def _resize(images, size: tuple[int, int]):
     )
 
 
+def _rgb_to_grey(images):
+    """ITU-R 601 luma; the weights sum to exactly 1, so a grey image stays the same grey."""
+    import tensorflow as tf
+
+    weights = tf.constant([0.299, 0.587, 0.114], tf.float32)
+    return tf.reduce_sum(images[..., :3] * weights, axis=-1, keepdims=True)
+
+
 def _match_channels(images, channels: int):
     """Greyscale or RGB in, the model's channel count out."""
     import tensorflow as tf
@@ -211,7 +219,7 @@ def _match_channels(images, channels: int):
             )
         return tf.cond(
             tf.equal(found, 3),
-            lambda: tf.image.rgb_to_grayscale(images[..., :3]),
+            lambda: _rgb_to_grey(images),
             lambda: tf.identity(images[..., :1]),
         )
 
@@ -318,7 +326,7 @@ def decode_images(image_bytes, image_size: tuple[int, int], channels: int, max_p
         with tf.control_dependencies([check]):
             image = _resize(tf.cast(image, tf.float32), image_size)
         if channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
+            image = _rgb_to_grey(image)
         image.set_shape([image_size[0], image_size[1], channels])
         return image
 
@@ -618,14 +626,22 @@ def export_tflite(model: Any, path: str | os.PathLike, spec: ExportSpec) -> Path
     name = "predictions" if spec.head == "regression" else "probabilities"
     shape = [1, spec.image_size[0], spec.image_size[1], spec.channels]
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
     def serve(images):
         return {name: tf.cast(model(images, training=False), tf.float32)}
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [serve.get_concrete_function()], model
-    )
-    Path(path).write_bytes(converter.convert())
+    # Converting from a SavedModel (not a concrete function) keeps Keras 3 variables as weights.
+    with tempfile.TemporaryDirectory(prefix="kt-tflite-") as work:
+        import keras
+
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            SERVING_DEFAULT, serve, input_signature=[tf.TensorSpec(shape, tf.float32, "images")]
+        )
+        archive.write_out(work, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(work)
+        flatbuffer = converter.convert()
+    Path(path).write_bytes(flatbuffer)
     return Path(path)
 
 
