@@ -275,13 +275,7 @@ class _Servable:
             with self.lock:
                 outputs = self.loaded.signatures[name](**tensors)
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as error:
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            useful = [
-                line
-                for line in lines
-                if "Graph execution error" not in line and not line.startswith("Detected at")
-            ]
-            raise _BadRequest((useful or lines or ["invalid argument"])[0].strip()) from None
+            raise _BadRequest(_error_text(error)) from None
         outputs = {key: _to_json_output(key, value.numpy()) for key, value in outputs.items()}
         if has_columns:
             return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
@@ -306,6 +300,14 @@ class _Servable:
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
         return columns
+
+
+def _error_text(error: Exception) -> str:
+    """The one line of a TensorFlow runtime error that says what was wrong with the input."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()]
+    noise = ("<", "[[", "Detected at", "File ", "Graph execution error", "{{")
+    useful = [line for line in lines if line and not line.startswith(noise)]
+    return (useful or ["Invalid argument"])[0][:500]
 
 
 def _to_tensor(value: Any, dtype_enum: int, key: str) -> Any:
