@@ -1,0 +1,488 @@
+"""Training on cached activations: run the frozen part of a model once, then train only the rest.
+
+While the backbone (or its bottom) is frozen, every epoch recomputes the same activations for the
+same images. `kt.fine_tune` instead runs the frozen *prefix* of the model once over the training
+and validation data, in inference mode, and fits a *phase model* on the stored activations:
+
+- phase 1 (head): the prefix ends at the pooling output; the phase model is the head.
+- phase 2 (fine-tune): the prefix ends at the unfreeze cut, one of the backbone's single-tensor
+  cut points (`kt.unfreeze_points`); the phase model is the rest of the backbone, the pooling and
+  the head. When both phases cache, one forward pass over the data fills both caches.
+
+Phase models are Functional models built from the full model's own tensors and layers, so they
+share its variables: training a phase model trains the full model, with nothing to copy back.
+Dropout in the head still applies during training.
+
+Caches live in memory up to `budget_bytes` and spill to `tf.data.Dataset.save` files beyond it.
+With random augmentation before the backbone, caching happens only for `augment_views=K` (K
+augmented views stored per image, one drawn at random per image and epoch); otherwise the phase
+runs plainly, and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer import distribute, freezing
+from keras_transfer.backbones import single_tensor_cuts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BUDGET_BYTES = 2 * 1024**3
+CACHE_MODES = ("auto", True, False)
+POOLING_NAME = "pooling"
+AUGMENTATION_NAME = "augmentation"
+# Callbacks that save or restore the model they are given: on a phase model they would save
+# the head or suffix instead of the full model.
+_SAVING_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
+
+
+@dataclass
+class FeatureCache:
+    """Activations of one dataset at one point of the model, in memory or on disk.
+
+    Attributes:
+        dataset: Unbatched `tf.data.Dataset` of `(activations, *targets)` examples; with
+            augmented views, activations carry a leading views axis.
+        num_examples: Number of examples.
+        nbytes: Bytes the activations take.
+        path: Folder of the `tf.data.Dataset.save` files when spilled to disk, else None.
+    """
+
+    dataset: tf.data.Dataset
+    num_examples: int
+    nbytes: int
+    path: str | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        return self.path is not None
+
+
+@dataclass
+class CachedPhase:
+    """What a cached phase fits: a phase model sharing weights with the full model, and data.
+
+    Attributes:
+        model: The phase model (head, or backbone top + head); its layers are the full model's.
+        train_data: Batched training activations.
+        validation_data: Batched validation activations, or None.
+        cut: Where the cache was taken: `"pooling"` or the name of the last frozen backbone op.
+        caches: The underlying caches (for their sizes and files).
+    """
+
+    model: keras.Model
+    train_data: tf.data.Dataset
+    validation_data: tf.data.Dataset | None
+    cut: str
+    caches: list[FeatureCache] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Deletes the phase's files on disk, if any."""
+        for cache in self.caches:
+            if cache.path and os.path.isdir(cache.path):
+                shutil.rmtree(cache.path, ignore_errors=True)
+
+
+def check_cache_arguments(cache, augment_views, budget_bytes) -> None:
+    """Validates `fine_tune`'s caching arguments before any work starts."""
+    if cache not in CACHE_MODES or not isinstance(cache, bool | str):
+        raise ValueError(
+            f"`cache` must be 'auto', True or False. Received: cache={cache!r}. 'auto' caches "
+            "whenever the phase allows it."
+        )
+    if augment_views is not None and (
+        isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 1
+    ):
+        raise ValueError(
+            "`augment_views` must be None or an int >= 1 (augmented views cached per image). "
+            f"Received: augment_views={augment_views!r}"
+        )
+    if budget_bytes is not None and (
+        isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0
+    ):
+        raise ValueError(
+            "`cache_budget_bytes` must be an int >= 0 (0 keeps every cache on disk). "
+            f"Received: cache_budget_bytes={budget_bytes!r}"
+        )
+
+
+def augmentation_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The model's augmentation layer (named `"augmentation"`), or None."""
+    try:
+        return model.get_layer(AUGMENTATION_NAME)
+    except ValueError:
+        return None
+
+
+def cache_blocker(model, *, phase, cut_index, augment_views, callbacks, train_data) -> str | None:
+    """Why `phase` (`"head"` or `"finetune"`) cannot run on cached activations; None if it can."""
+    if not any(layer.name == POOLING_NAME for layer in model.layers):
+        return f"model {model.name!r} has no {POOLING_NAME!r} layer (not built by kt builders)"
+    if augmentation_layer(model) is not None and augment_views is None:
+        return (
+            "random augmentation precedes the backbone; pass augment_views=K to cache K "
+            "augmented views per image, or cache=False to silence this"
+        )
+    saving = [type(c).__name__ for c in callbacks or () if isinstance(c, _SAVING_CALLBACKS)]
+    if saving:
+        return f"callbacks {saving} save the model they train, which would be the phase model"
+    if train_data.cardinality() == tf.data.INFINITE_CARDINALITY:
+        return "the training data repeats forever"
+    if phase == "finetune":
+        backbone = freezing.find_backbone(model)
+        ops = backbone.operations
+        if cut_index < 0:
+            return "the whole backbone trains, so nothing before it is frozen"
+        if cut_index < len(ops) - 1 and ops[cut_index].name not in single_tensor_cuts(backbone):
+            return (
+                f"the cut after {ops[cut_index].name!r} is not a single-tensor cut point; "
+                "unfreeze by blocks= (see kt.unfreeze_points) to cache"
+            )
+    return None
+
+
+def _outer_backbone_tensors(model: keras.Model, backbone: keras.Model):
+    """The backbone's input and output tensors in the full model's graph."""
+    pooling = model.get_layer(POOLING_NAME)
+    output = pooling.input
+    for node in backbone._inbound_nodes:
+        if any(t is output for t in node.output_tensors):
+            return node.input_tensors[0], output
+    raise ValueError(
+        f"The {POOLING_NAME!r} layer of {model.name!r} does not follow backbone "
+        f"{backbone.name!r} directly; build the model with kt.build_classifier/build_regressor."
+    )
+
+
+def _input_like(tensor, name: str):
+    return keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=name)
+
+
+@dataclass
+class _Split:
+    """A full model split at a cut into a frozen prefix (with its taps) and a phase model."""
+
+    start: keras.KerasTensor  # where extraction starts (after augmentation)
+    extractor: keras.Model  # start -> list of tapped activations
+    phase_models: list[keras.Model]  # one per tap: activation -> model output
+    cuts: list[str]
+
+
+def split_model(model: keras.Model, cut_index: int | None = None) -> _Split:
+    """Splits `model` into a frozen prefix and phase models sharing its layers.
+
+    Args:
+        model: A model built by `kt.build_classifier` / `kt.build_regressor`.
+        cut_index: Index into the backbone's `operations` of the last frozen op (as returned by
+            `freezing.plan_unfreeze`), or None for the pooling output only.
+
+    Returns:
+        A `_Split` whose extractor returns `[pooling features]` for `cut_index=None`, else
+        `[cut activations, pooling features]`, with one phase model per tap.
+    """
+    augmentation = augmentation_layer(model)
+    start = augmentation.output if augmentation is not None else model.inputs[0]
+    pooled = model.get_layer(POOLING_NAME).output
+    head = keras.Model(pooled, model.outputs[0], name=f"{model.name}_head")
+    if cut_index is None:
+        return _Split(start, keras.Model(start, [pooled]), [head], [POOLING_NAME])
+
+    backbone = freezing.find_backbone(model)
+    ops = backbone.operations
+    backbone_in, backbone_out = _outer_backbone_tensors(model, backbone)
+    after_backbone = keras.Model(backbone_out, model.outputs[0], name=f"{model.name}_top")
+    pool = keras.Model(backbone_out, pooled, name=f"{model.name}_pool")
+    stem = keras.Model(start, backbone_in, name=f"{model.name}_stem")
+
+    x = _input_like(start, "images")
+    h = stem(x)
+    if cut_index == len(ops) - 1:  # nothing in the backbone trains: cache its output
+        activations = backbone(h, training=False)
+        suffix, top_of_backbone = after_backbone, activations
+    else:
+        cut_tensor = ops[cut_index].output
+        bottom = keras.Model(backbone.inputs[0], cut_tensor, name=f"{backbone.name}_bottom")
+        top = keras.Model(cut_tensor, backbone.outputs[0], name=f"{backbone.name}_top")
+        activations = bottom(h, training=False)
+        top_of_backbone = top(activations, training=False)
+        a = _input_like(cut_tensor, "activations")
+        suffix = keras.Model(a, after_backbone(top(a, training=False)), name=f"{model.name}_suffix")
+    extractor = keras.Model(x, [activations, pool(top_of_backbone)])
+    return _Split(start, extractor, [suffix, head], [ops[cut_index].name, POOLING_NAME])
+
+
+def _shuffles(dataset: tf.data.Dataset) -> bool:
+    """Whether `dataset`'s pipeline shuffles (so the cached copy should too)."""
+    pending = [dataset]
+    while pending:
+        ds = pending.pop()
+        if "Shuffle" in type(ds).__name__:
+            return True
+        try:
+            pending.extend(ds._inputs())
+        except (AttributeError, TypeError):
+            continue
+    return False
+
+
+def _extract_fn(model: keras.Model, split: _Split, augment: bool, jit_compile: bool):
+    augmentation = augmentation_layer(model)
+    # Explicit `training` on each part: augmentation active only when caching augmented views,
+    # and the frozen prefix always in inference mode.
+    if augmentation is not None:
+        augment_model = keras.Model(model.inputs[0], split.start)
+
+    @tf.function(jit_compile=bool(jit_compile), reduce_retracing=True)
+    def extract(images):
+        x = images
+        if augmentation is not None:
+            x = augment_model(x, training=augment)
+        return [
+            tf.convert_to_tensor(t) for t in tf.nest.flatten(split.extractor(x, training=False))
+        ]
+
+    return extract
+
+
+def _views(extract_plain, extract_augmented, images, augment_views):
+    if augment_views is None:
+        return [t.numpy() for t in extract_plain(images)]
+    views = [extract_augmented(images) for _ in range(augment_views)]
+    return [np.stack([v[i].numpy() for v in views], axis=1) for i in range(len(views[0]))]
+
+
+def _example_bytes(split: _Split, augment_views) -> list[int]:
+    sizes = []
+    for tensor in split.extractor.outputs:
+        itemsize = np.dtype(keras.backend.standardize_dtype(tensor.dtype)).itemsize
+        sizes.append(math.prod(tensor.shape[1:]) * itemsize * (augment_views or 1))
+    return sizes
+
+
+def _count_examples(dataset: tf.data.Dataset) -> int:
+    return int(
+        dataset.map(lambda x, *rest: tf.shape(x)[0]).reduce(tf.constant(0), lambda a, b: a + b)
+    )
+
+
+def build_caches(
+    model: keras.Model,
+    split: _Split,
+    dataset: tf.data.Dataset,
+    *,
+    augment_views: int | None,
+    budget: list[int],
+    cache_dir: str | None,
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+    name: str = "train",
+) -> list[FeatureCache]:
+    """Runs the frozen prefix once over `dataset`; returns one cache per tap.
+
+    Taps stay in memory, in order, while `budget[0]` (bytes left, decremented here) allows; the
+    others stream to `tf.data.Dataset.save` files under `cache_dir` during the same pass, so
+    memory never holds more activations than the budget.
+    """
+    extract_plain = _extract_fn(model, split, False, jit_compile)
+    extract_augmented = _extract_fn(model, split, True, jit_compile) if augment_views else None
+    n = _count_examples(dataset)
+    if n == 0:
+        raise ValueError(f"The {name} data is empty: nothing to cache.")
+    per_example = _example_bytes(split, augment_views)
+    in_memory = []
+    for size in per_example:
+        in_memory.append(n * size <= budget[0])
+        if in_memory[-1]:
+            budget[0] -= n * size
+    spilled = [i for i, keep in enumerate(in_memory) if not keep]
+    stores: list[list[np.ndarray]] = [[] for _ in per_example]
+    targets: list[tuple[np.ndarray, ...]] = []
+
+    def batches():
+        for element in dataset:
+            activations = _views(extract_plain, extract_augmented, element[0], augment_views)
+            rest = tuple(np.asarray(r) for r in element[1:])
+            targets.append(rest)
+            for i in range(len(activations)):
+                if in_memory[i]:
+                    stores[i].append(activations[i])
+            yield (*(activations[i] for i in spilled), *rest)
+
+    path = None
+    if spilled:
+        root = cache_dir or tempfile.mkdtemp(prefix="keras_transfer_cache_")
+        worker = distribute.worker_id(strategy)
+        path = os.path.join(root, f"{name}_w{worker}_{uuid.uuid4().hex[:8]}")
+        os.makedirs(root, exist_ok=True)
+        spec = dataset.element_spec
+        signature = tuple(
+            tf.TensorSpec(
+                (None, *((augment_views,) if augment_views else ()), *t.shape[1:]),
+                tf.as_dtype(keras.backend.standardize_dtype(t.dtype)),
+            )
+            for t in (split.extractor.outputs[i] for i in spilled)
+        ) + tuple(tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in spec[1:])
+        generated = tf.data.Dataset.from_generator(batches, output_signature=signature)
+        generated.unbatch().save(path)
+        saved = tf.data.Dataset.load(path)
+    else:
+        for _ in batches():
+            pass
+    target_arrays = tuple(np.concatenate(parts) for parts in zip(*targets, strict=True))
+    caches = []
+    for i, size in enumerate(per_example):
+        if in_memory[i]:
+            array = np.concatenate(stores[i])
+            stores[i] = []
+            ds = tf.data.Dataset.from_tensor_slices((array, *target_arrays))
+            caches.append(FeatureCache(ds, n, n * size))
+        else:
+            k, m = spilled.index(i), len(spilled)
+            ds = saved.map(lambda *e, k=k, m=m: (e[k], *e[m:]))
+            caches.append(FeatureCache(ds, n, n * size, path=path))
+    for cache, cut in zip(caches, split.cuts, strict=True):
+        where = f"on disk in {cache.path}" if cache.on_disk else "in memory"
+        logger.info(
+            "Cached %d %s examples at %r (%.1f MB) %s.", n, name, cut, cache.nbytes / 1e6, where
+        )
+    return caches
+
+
+def batch_cache(
+    cache: FeatureCache,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    augment_views: int | None,
+    shuffle_buffer: int | None = None,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """Turns a cache into batches for `fit`: reshuffled each epoch if asked, one random view."""
+    ds = cache.dataset
+    if shuffle:
+        buffer = min(cache.num_examples, shuffle_buffer or cache.num_examples)
+        ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
+    if augment_views:
+
+        def pick_view(activations, *rest):
+            view = tf.random.uniform((), 0, augment_views, dtype=tf.int32)
+            return (activations[view], *rest)
+
+        ds = ds.map(pick_view, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _batch_size(dataset: tf.data.Dataset) -> int:
+    for element in dataset.take(1):
+        return int(tf.shape(element[0])[0])
+    raise ValueError("The training data is empty: nothing to train on.")
+
+
+def prepare(
+    model: keras.Model,
+    train_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset | None,
+    *,
+    cut_index: int | None,
+    augment_views: int | None = None,
+    budget_bytes: int | None = DEFAULT_CACHE_BUDGET_BYTES,
+    cache_dir: str | os.PathLike | None = None,
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+    seed: int | None = None,
+) -> list[CachedPhase]:
+    """Caches the frozen prefix of `model` once and returns the phases that train on it.
+
+    Args:
+        model: A model built by `kt.build_classifier` / `kt.build_regressor`, with its frozen
+            part already frozen.
+        train_data: Batched `(images, targets[, sample_weights])` dataset.
+        validation_data: Same form, or None.
+        cut_index: Last frozen backbone op for phase 2 (`freezing.plan_unfreeze`), or None to
+            cache only the pooling output (phase 1).
+        augment_views: Augmented views cached per training image, or None for none.
+        budget_bytes: Bytes of activations kept in memory; beyond, caches go to disk.
+        cache_dir: Folder for disk caches; a temporary folder when None.
+        jit_compile: Compile the extraction with XLA.
+        strategy: The training strategy (names per-worker files).
+        seed: Seed of the per-epoch shuffle of cached training data.
+
+    Returns:
+        `[head phase]` for `cut_index=None`, else `[finetune phase, head phase]`.
+    """
+    split = split_model(model, cut_index)
+    budget = [DEFAULT_CACHE_BUDGET_BYTES if budget_bytes is None else budget_bytes]
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+    train_caches = build_caches(
+        model,
+        split,
+        train_data,
+        augment_views=augment_views,
+        budget=budget,
+        cache_dir=cache_dir,
+        jit_compile=jit_compile,
+        strategy=strategy,
+        name="train",
+    )
+    val_caches = [None] * len(train_caches)
+    if validation_data is not None:
+        val_caches = build_caches(
+            model,
+            split,
+            validation_data,
+            augment_views=None,
+            budget=budget,
+            cache_dir=cache_dir,
+            jit_compile=jit_compile,
+            strategy=strategy,
+            name="validation",
+        )
+    batch_size = _batch_size(train_data)
+    shuffle = _shuffles(train_data)
+    phases = []
+    for phase_model, cut, train_cache, val_cache in zip(
+        split.phase_models, split.cuts, train_caches, val_caches, strict=True
+    ):
+        per_example = max(train_cache.nbytes // max(train_cache.num_examples, 1), 1)
+        buffer = None if not train_cache.on_disk else max(1, budget[0] // per_example)
+        train = batch_cache(
+            train_cache,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            augment_views=augment_views,
+            shuffle_buffer=buffer,
+            seed=seed,
+        )
+        val = None
+        if val_cache is not None:
+            val = batch_cache(
+                val_cache,
+                batch_size=_batch_size(validation_data),
+                shuffle=False,
+                augment_views=None,
+            )
+        caches = [c for c in (train_cache, val_cache) if c is not None]
+        phases.append(CachedPhase(phase_model, train, val, cut, caches))
+    return phases
+
+
+def describe(phases: Sequence[CachedPhase]) -> dict:
+    """Sizes and places of the caches, for logs and `history.cache_info`."""
+    return {
+        phase.cut: [
+            {"examples": c.num_examples, "bytes": c.nbytes, "path": c.path} for c in phase.caches
+        ]
+        for phase in phases
+    }
