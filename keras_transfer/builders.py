@@ -9,6 +9,7 @@ SavedModel exports carry the preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -20,6 +21,26 @@ from keras_transfer.layers import BackbonePreprocessing
 INPUT_NAME = "images"
 OUTPUT_NAME = "predictions"
 POOLING = ("avg", "max", "flatten")
+
+
+@contextlib.contextmanager
+def dtype_policy(dtype: str | None):
+    """Builds layers under the Keras dtype policy `dtype` (None: leave the global one)."""
+    if dtype is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(dtype)
+    except ValueError as error:
+        raise ValueError(
+            "`dtype` must be a Keras dtype policy: 'float32', 'mixed_float16' or "
+            f"'mixed_bfloat16'. Received: dtype={dtype!r}"
+        ) from error
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def default_augmentation() -> list[keras.layers.Layer]:
@@ -188,6 +209,7 @@ def build_classifier(
     augmentation: str | keras.layers.Layer | Sequence[keras.layers.Layer] | None = None,
     channels: int = 3,
     name: str | None = None,
+    dtype: str | None = None,
     **backbone_kwargs,
 ) -> keras.Model:
     """Builds an image classifier on a pretrained backbone, preprocessing included.
@@ -208,6 +230,8 @@ def build_classifier(
             Keras runs them only in training.
         channels: 3 for RGB input, 1 for greyscale (replicated to RGB inside the model).
         name: Model name; defaults to `"<backbone>_classifier"`.
+        dtype: Keras dtype policy to build under, e.g. `"mixed_float16"` or `"mixed_bfloat16"`
+            for mixed precision (the output layer stays float32); None uses the global policy.
         **backbone_kwargs: Passed to the `keras.applications` constructor (e.g. `alpha=0.35`).
 
     Returns:
@@ -236,17 +260,19 @@ def build_classifier(
             f"probability 1). Received: num_classes={num_classes!r}. For a binary problem use "
             "num_classes=2, or num_classes=1 with multi_label=True (one sigmoid output)."
         )
-    inputs, x, spec = _backbone_features(
-        backbone,
-        image_size=image_size,
-        weights=weights,
-        channels=channels,
-        augmentation=augmentation,
-        pooling=pooling,
-        backbone_kwargs=backbone_kwargs,
-    )
-    outputs = _head(x, num_classes, "sigmoid" if multi_label else "softmax", hidden_units, dropout)
-    return keras.Model(inputs, outputs, name=name or f"{spec.name}_classifier")
+    with dtype_policy(dtype):
+        inputs, x, spec = _backbone_features(
+            backbone,
+            image_size=image_size,
+            weights=weights,
+            channels=channels,
+            augmentation=augmentation,
+            pooling=pooling,
+            backbone_kwargs=backbone_kwargs,
+        )
+        activation = "sigmoid" if multi_label else "softmax"
+        outputs = _head(x, num_classes, activation, hidden_units, dropout)
+        return keras.Model(inputs, outputs, name=name or f"{spec.name}_classifier")
 
 
 def build_regressor(
@@ -261,6 +287,7 @@ def build_regressor(
     augmentation: str | keras.layers.Layer | Sequence[keras.layers.Layer] | None = None,
     channels: int = 3,
     name: str | None = None,
+    dtype: str | None = None,
     **backbone_kwargs,
 ) -> keras.Model:
     """Builds an image regressor (linear outputs) on a pretrained backbone.
@@ -276,6 +303,7 @@ def build_regressor(
         augmentation: See `build_classifier`.
         channels: See `build_classifier`.
         name: Model name; defaults to `"<backbone>_regressor"`.
+        dtype: See `build_classifier`.
         **backbone_kwargs: Passed to the `keras.applications` constructor.
 
     Returns:
@@ -289,17 +317,18 @@ def build_regressor(
     """
     if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
         raise ValueError(f"`outputs` must be a positive int. Received: outputs={outputs!r}")
-    inputs, x, spec = _backbone_features(
-        backbone,
-        image_size=image_size,
-        weights=weights,
-        channels=channels,
-        augmentation=augmentation,
-        pooling=pooling,
-        backbone_kwargs=backbone_kwargs,
-    )
-    return keras.Model(
-        inputs,
-        _head(x, outputs, None, hidden_units, dropout),
-        name=name or f"{spec.name}_regressor",
-    )
+    with dtype_policy(dtype):
+        inputs, x, spec = _backbone_features(
+            backbone,
+            image_size=image_size,
+            weights=weights,
+            channels=channels,
+            augmentation=augmentation,
+            pooling=pooling,
+            backbone_kwargs=backbone_kwargs,
+        )
+        return keras.Model(
+            inputs,
+            _head(x, outputs, None, hidden_units, dropout),
+            name=name or f"{spec.name}_regressor",
+        )
