@@ -18,6 +18,551 @@ class CLIError(Exception):
 
 # --- train / evaluate / predict -------------------------------------------------------------------
 
+# Built-in datasets are 28 px; 96 px keeps CPU runs fast (see docs/benchmarks.md).
+_BUILTIN_IMAGE_SIZE = 96
+_STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_FIT_OPTIONS = (
+    "head_epochs",
+    "finetune_epochs",
+    "unfreeze",
+    "head_learning_rate",
+    "finetune_learning_rate",
+    "warmup_epochs",
+    "label_smoothing",
+    "optimizer",
+)
+
+
+def _add_data_options(parser, *, split_default: str) -> None:
+    """DATA positional plus the options that pick and shape a data source (train and evaluate)."""
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="An image folder (one subfolder per class) or a built-in dataset name "
+        "(fashion_mnist). Omit with --tfds.",
+    )
+    parser.add_argument("--tfds", default=None, help="A TFDS dataset prepared in --data-dir.")
+    parser.add_argument("--data-dir", default=None, help="TFDS data folder (local only).")
+    parser.add_argument(
+        "--split", default=split_default, help=f"Split to read (default {split_default})."
+    )
+    parser.add_argument(
+        "--per-class", type=int, default=None, help="Built-in dataset: labelled images per class."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of subsets, splits, shuffling.")
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=2000,
+        help="Built-in dataset: held-out test images (balanced; default 2000).",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="Examples per batch.")
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="Fine-tune a pretrained backbone on images; save model, labels, history, metrics.",
+        description=(
+            "Build a classifier (kt.build_classifier) and fine-tune it in two phases "
+            "(kt.fine_tune); write saved_models/<name>/model.keras, labels.txt, history.json and "
+            "metrics.json. Options map one-to-one onto those functions' arguments; --config "
+            "reads the same names from a YAML or JSON file (command-line options win)."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  keras-transfer train photos/ --validation-split 0.2 --name flowers\n"
+            "  keras-transfer train fashion_mnist --per-class 20 --compare-scratch\n"
+            "  keras-transfer train --tfds tf_flowers --data-dir ~/tfds --config train.yaml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_options(parser, split_default="train")
+    parser.add_argument("--config", default=None, help="A YAML or JSON file of these options.")
+    parser.add_argument("--name", default=None, help="Model folder name (default: from data).")
+    parser.add_argument("--output-dir", default="saved_models", help="Default saved_models.")
+    parser.add_argument(
+        "--validation-split", type=float, default=None, help="Share held out for validation."
+    )
+    parser.add_argument("--test-split", default="test", help="TFDS split used as test set.")
+    model = parser.add_argument_group("model (kt.build_classifier)")
+    model.add_argument("--backbone", default="mobilenet_v2", help="Registry name.")
+    model.add_argument(
+        "--weights", default="imagenet", help="imagenet, none (random init) or a weights file."
+    )
+    model.add_argument("--image-size", type=int, default=None, help="Input side in pixels.")
+    model.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 or 3.")
+    model.add_argument("--alpha", type=float, default=None, help="MobileNet width multiplier.")
+    model.add_argument("--pooling", choices=("avg", "max", "flatten"), default=None)
+    model.add_argument("--dropout", type=float, default=None, help="Dropout before the head.")
+    model.add_argument(
+        "--hidden-units", type=int, nargs="*", default=[], help="Hidden Dense widths of the head."
+    )
+    model.add_argument(
+        "--augmentation", choices=("none", "default"), default=None, help="In-model augmentation."
+    )
+    # Defaults stay in one place, kt.fine_tune's signature: None here means "its default".
+    fit = parser.add_argument_group("training (kt.fine_tune; unset options take its defaults)")
+    fit.add_argument("--head-epochs", type=int, default=None, help="Epochs of phase 1.")
+    fit.add_argument("--finetune-epochs", type=int, default=None, help="Epochs of phase 2.")
+    fit.add_argument(
+        "--unfreeze", default=None, help="Top blocks (int), a fraction (float), a layer or 'all'."
+    )
+    fit.add_argument("--head-learning-rate", type=float, default=None, help="Phase 1 rate.")
+    fit.add_argument("--finetune-learning-rate", type=float, default=None, help="Phase 2 peak.")
+    fit.add_argument("--warmup-epochs", type=float, default=None, help="Phase 2 warm-up.")
+    fit.add_argument("--label-smoothing", type=float, default=None, help="Loss smoothing.")
+    fit.add_argument("--optimizer", default=None, help="adam, adamw, sgd, ...")
+    fit.add_argument(
+        "--train-batchnorm", action="store_true", help="Train BatchNorm gamma/beta in phase 2."
+    )
+    parser.add_argument(
+        "--strategy", choices=_STRATEGIES, default="default", help="tf.distribute strategy."
+    )
+    parser.add_argument(
+        "--compare-scratch",
+        action="store_true",
+        help="Also run the same recipe from random initialisation and print both accuracies.",
+    )
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 5], help="Top-k to report.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.set_defaults(func=_run_train, _parser=parser)
+
+
+def _apply_config(args, parser) -> None:
+    """Fills options left at their defaults from `--config` (YAML or JSON, same option names)."""
+    from pathlib import Path
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise CLIError(f"--config {args.config!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            import json
+
+            config = json.loads(text)
+        else:
+            import yaml
+
+            config = yaml.safe_load(text)
+    except Exception as error:  # a YAML or JSON syntax error
+        raise CLIError(f"--config {args.config!r} could not be parsed: {error}") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"--config {args.config!r} must hold a mapping of option names to values.")
+    known = {a.dest for a in parser._actions} - {"help", "config", "func", "_parser"}
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise CLIError(
+                f"Unknown option {key!r} in --config {args.config!r}. Expected one of "
+                f"{sorted(known)}."
+            )
+        if getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, value)
+
+
+def _make_strategy(name: str):
+    """The strategy for `--strategy`: the library's factory when present, else a small local one."""
+    if name in (None, "default"):
+        return None
+    factory = None
+    for module in ("keras_transfer.distribute", "keras_transfer.caching"):
+        try:
+            factory = __import__(module, fromlist=["make_strategy"]).make_strategy
+            break
+        except (ImportError, AttributeError):
+            continue
+    import tensorflow as tf
+
+    try:
+        if factory is not None:
+            return factory(name)
+        if name == "mirrored":
+            return tf.distribute.MirroredStrategy()
+        if name == "multi_worker":
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise CLIError(f"--strategy {name}: could not start it: {error}".splitlines()[0]) from None
+
+
+def _unfreeze_value(text):
+    if not isinstance(text, str):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _load_data(args, *, image_size, channels, training: bool):
+    """Returns `(train_or_eval, validation, test, class_names)` datasets for the data options."""
+    from pathlib import Path
+
+    from keras_transfer import data, datasets
+
+    if args.tfds:
+        if args.data is not None:
+            raise CLIError("Give either DATA or --tfds NAME, not both.")
+        common = dict(data_dir=args.data_dir, image_size=image_size, batch_size=args.batch_size)
+        main = data.from_tfds(
+            args.tfds, split=args.split, shuffle=training, seed=args.seed, **common
+        )
+        test = None
+        if training and getattr(args, "test_split", None):
+            try:
+                test = data.from_tfds(args.tfds, split=args.test_split, shuffle=False, **common)
+            except Exception as error:  # the split may not exist: train only, say so
+                print(f"No test split {args.test_split!r} ({str(error).splitlines()[0]}).")
+        return main, None, test, main.class_names
+    if args.data is None:
+        raise CLIError("Give the data: an image folder, a built-in dataset name, or --tfds NAME.")
+    if args.data in datasets.DATASETS:
+        names = list(datasets.DATASET_CLASS_NAMES[args.data])
+        load = dict(image_size=image_size, channels=channels)
+
+        def arrays(split, per_class, seed, shuffle):
+            x, y = datasets.load(args.data, split=split, per_class=per_class, seed=seed, **load)
+            return data.from_arrays(
+                x, y, class_names=names, batch_size=args.batch_size, shuffle=shuffle, seed=seed
+            )
+
+        test_per_class = max(args.test_size // len(names), 1)
+        if not training:
+            per_class = args.per_class or (test_per_class if args.split == "test" else None)
+            return arrays(args.split, per_class, args.seed, False), None, None, names
+        x, y = datasets.load(
+            args.data, split="train", per_class=args.per_class, seed=args.seed, **load
+        )
+        split = data.from_arrays(
+            x,
+            y,
+            class_names=names,
+            batch_size=args.batch_size,
+            validation_split=args.validation_split,
+            seed=args.seed,
+        )
+        train, val = split if args.validation_split else (split, None)
+        # A fixed test subset (seed 1234) whatever the training seed, so runs compare.
+        test = arrays("test", test_per_class, 1234, False)
+        return train, val, test, names
+    if not Path(args.data).is_dir():
+        raise CLIError(
+            f"DATA {args.data!r} is neither a folder nor a built-in dataset "
+            f"({', '.join(sorted(datasets.DATASETS))}). Pass an image folder with one subfolder "
+            "per class, a built-in name, or --tfds NAME."
+        )
+    common = dict(image_size=image_size, batch_size=args.batch_size, seed=args.seed)
+    common["channels"] = channels
+    if not training:
+        ds = data.from_folder(args.data, shuffle=False, **common)
+        return ds, None, None, ds.class_names
+    split = data.from_folder(args.data, validation_split=args.validation_split, **common)
+    train, val = split if args.validation_split else (split, None)
+    return train, val, None, train.class_names
+
+
+def _progress(total_epochs: int):
+    """A Keras callback printing an ETA for the whole two-phase run after every epoch."""
+    import time
+
+    import keras
+
+    class RunProgress(keras.callbacks.Callback):
+        start = None
+        done = 0
+        message = None
+
+        def on_train_begin(self, logs=None):
+            if self.start is None:  # fine_tune calls fit once per phase
+                self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.done += 1
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / self.done * max(total_epochs - self.done, 0)
+            # Printed once Keras's progress bar has finished its line.
+            self.message = (
+                f"  [{self.done}/{total_epochs} epochs, {elapsed:.0f} s elapsed, ETA {left:.0f} s]"
+            )
+
+        def _flush(self):
+            if self.message:
+                print(self.message, flush=True)
+                self.message = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._flush()
+
+        def on_train_end(self, logs=None):
+            self._flush()
+
+    return RunProgress()
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def _train_once(args, weights, train, val, test, names, image_size, channels):
+    """Builds and fine-tunes one model; returns (model, history, metrics dict)."""
+    import contextlib
+    import logging
+
+    import keras_transfer as kt
+    from keras_transfer import evaluation
+
+    build_kwargs = {} if args.alpha is None else {"alpha": args.alpha}
+    for option in ("pooling", "dropout"):
+        if getattr(args, option) is not None:
+            build_kwargs[option] = getattr(args, option)
+    if args.augmentation not in (None, "none"):
+        build_kwargs["augmentation"] = args.augmentation
+    strategy = _make_strategy(args.strategy)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    _banner(f"Building {args.backbone} ({weights or 'random init'}) at {image_size} px")
+    with scope:
+        model = kt.build_classifier(
+            args.backbone,
+            len(names),
+            image_size=image_size,
+            weights=weights,
+            hidden_units=tuple(args.hidden_units or ()),
+            channels=channels,
+            **build_kwargs,
+        )
+    import inspect
+
+    signature = inspect.signature(kt.fine_tune).parameters
+    fit_kwargs = {
+        option: getattr(args, option)
+        for option in _FIT_OPTIONS
+        if getattr(args, option) is not None and option in signature
+    }
+    if "unfreeze" in fit_kwargs:
+        fit_kwargs["unfreeze"] = _unfreeze_value(fit_kwargs["unfreeze"])
+    epochs = sum(
+        fit_kwargs.get(k, signature[k].default) for k in ("head_epochs", "finetune_epochs")
+    )
+    # fine_tune announces its phases through logging; show them as banners.
+    logger = logging.getLogger("keras_transfer.training")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("\n=== %(message)s ==="))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        history = kt.fine_tune(
+            model,
+            train,
+            val,
+            train_batchnorm=args.train_batchnorm,
+            batch_size=args.batch_size,
+            strategy=strategy,
+            callbacks=[_progress(epochs)],
+            verbose=0 if args.quiet else "auto",
+            **fit_kwargs,
+        )
+    finally:
+        logger.removeHandler(handler)
+    metrics = {}
+    for split_name, ds in (("validation", val), ("test", test)):
+        if ds is not None:
+            _banner(f"Evaluating on the {split_name} set")
+            metrics[split_name] = evaluation.evaluate(model, ds, names, top_k=args.top_k)
+            print(evaluation.format_report(metrics[split_name]))
+    return model, history, metrics
+
+
+def _run_train(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    if args.config:
+        _apply_config(args, args._parser)
+    from keras_transfer import datasets
+
+    builtin = args.data in datasets.DATASETS and not args.tfds
+    image_size = args.image_size or (_BUILTIN_IMAGE_SIZE if builtin else None)
+    if image_size is None:
+        from keras_transfer.backbones import get_backbone
+
+        image_size = get_backbone(args.backbone).default_size
+    channels = args.channels or (1 if builtin else 3)
+    weights = None if str(args.weights).lower() in ("none", "null", "") else args.weights
+    if args.compare_scratch and weights is None:
+        raise CLIError("--compare-scratch compares against --weights; drop --weights none.")
+    start = time.perf_counter()
+    _banner("Loading data")
+    train, val, test, names = _load_data(
+        args, image_size=image_size, channels=channels, training=True
+    )
+    name = args.name or Path(str(args.tfds or args.data)).name or "model"
+    folder = Path(args.output_dir) / name
+    print(f"{len(names)} classes; writing to {folder}")
+
+    model, history, metrics = _train_once(
+        args, weights, train, val, test, names, image_size, channels
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")
+    (folder / "labels.txt").write_text("\n".join(names) + "\n")
+    (folder / "history.json").write_text(
+        json.dumps(
+            {
+                "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+                "epoch": list(history.epoch),
+                "phases": getattr(history, "phases", {}),
+            },
+            indent=1,
+        )
+    )
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "_parser")}
+    summary = {"config": config, **metrics, "seconds": round(time.perf_counter() - start, 1)}
+    if args.compare_scratch:
+        _banner("Same run from random initialisation (--compare-scratch)")
+        _, _, scratch = _train_once(args, None, train, val, test, names, image_size, channels)
+        summary["scratch"] = scratch
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
+    _banner(f"Done in {time.perf_counter() - start:.0f} s: {folder}")
+    key = "test" if "test" in metrics else "validation" if "validation" in metrics else None
+    if key:
+        line = f"{key} accuracy: {metrics[key]['accuracy']:.3f} ({weights or 'random init'})"
+        if args.compare_scratch and key in summary["scratch"]:
+            line += f"  vs  {summary['scratch'][key]['accuracy']:.3f} (random init)"
+        print(line)
+    return 0
+
+
+def _resolve_model(path: str):
+    from pathlib import Path
+
+    model_path = Path(path)
+    if model_path.is_dir():
+        model_path = model_path / "model.keras"
+    if not model_path.is_file():
+        raise CLIError(
+            f"Model {path!r} not found. Pass a .keras file or a folder holding model.keras "
+            "(e.g. saved_models/fashion_mnist)."
+        )
+    import keras
+
+    import keras_transfer  # noqa: F401  (registers the custom layers)
+
+    model = keras.models.load_model(model_path)
+    labels_path = model_path.parent / "labels.txt"
+    num_classes = model.output_shape[-1]
+    if labels_path.is_file():
+        names = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise CLIError(
+                f"{labels_path} lists {len(names)} labels but the model has {num_classes} outputs."
+            )
+    else:
+        names = [str(i) for i in range(num_classes)]
+    return model, names
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Accuracy, top-k, per-class precision/recall/F1 and confusion matrix of a model.",
+        description=(
+            "Evaluate a saved model (model.keras, with labels.txt beside it) on labelled images: "
+            "an image folder, a built-in dataset (its test split by default) or --tfds."
+        ),
+    )
+    parser.add_argument("model", help="A .keras file or a folder holding model.keras.")
+    _add_data_options(parser, split_default="test")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 5], help="Top-k to report.")
+    parser.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
+    parser.add_argument("--plot", default=None, help="Also save a confusion-matrix figure here.")
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    import json
+
+    from keras_transfer import evaluation
+
+    model, names = _resolve_model(args.model)
+    _, height, width, channels = model.input_shape
+    ds, _, _, data_names = _load_data(
+        args, image_size=(height, width), channels=channels, training=False
+    )
+    if len(data_names) != len(names):
+        raise CLIError(
+            f"The data has {len(data_names)} classes but the model has {len(names)} outputs."
+        )
+    if list(data_names) != list(names) and not all(n.isdigit() for n in names):
+        print(
+            f"Note: class names differ between data ({data_names[:3]}...) and model "
+            f"({names[:3]}...); classes are matched by position.",
+            file=sys.stderr,
+        )
+    metrics = evaluation.evaluate(model, ds, names, top_k=args.top_k)
+    if args.plot:
+        evaluation.plot_confusion_matrix(metrics, path=args.plot)
+    print(json.dumps(metrics, indent=1) if args.json else evaluation.format_report(metrics))
+    return 0
+
+
+def _add_predict(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="Top-k labels with probabilities for image files.",
+        description="Classify image files with a saved model, using labels.txt beside it.",
+    )
+    parser.add_argument("model", help="A .keras file or a folder holding model.keras.")
+    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, BMP, GIF).")
+    parser.add_argument("--top-k", type=int, default=3, help="Labels per image (default 3).")
+    parser.add_argument("--json", action="store_true", help="Print JSON lines.")
+    parser.set_defaults(func=_run_predict)
+
+
+def _run_predict(args) -> int:
+    import json
+    from pathlib import Path
+
+    if args.top_k < 1:
+        raise CLIError(f"--top-k must be >= 1; got {args.top_k}.")
+    for path in args.images:
+        if not Path(path).is_file():
+            raise CLIError(f"Image {path!r} does not exist.")
+    model, names = _resolve_model(args.model)
+    import numpy as np
+    import tensorflow as tf
+
+    _, height, width, channels = model.input_shape
+    images = []
+    for path in args.images:
+        try:
+            image = tf.io.decode_image(
+                tf.io.read_file(path), channels=channels, expand_animations=False
+            )
+        except tf.errors.InvalidArgumentError:
+            raise CLIError(f"{path!r} is not an image TensorFlow can decode.") from None
+        images.append(tf.image.resize(tf.cast(image, tf.float32), (height, width)))
+    probabilities = np.asarray(model.predict(tf.stack(images), verbose=0))
+    k = min(args.top_k, len(names))
+    for path, probs in zip(args.images, probabilities, strict=True):
+        top = np.argsort(-probs)[:k]
+        ranked = [{"label": names[i], "probability": float(probs[i])} for i in top]
+        if args.json:
+            print(json.dumps({"image": path, "top_k": ranked}))
+        else:
+            print(f"{path}: " + ", ".join(f"{r['label']} ({r['probability']:.3f})" for r in ranked))
+    return 0
+
 
 # --- weights --------------------------------------------------------------------------------------
 
@@ -273,6 +818,7 @@ def _run_serve(args) -> int:
 _COMMANDS: list = []  # (name, add_fn) pairs, filled in as sub-commands are implemented.
 _COMMANDS += [("export", _add_export), ("verify", _add_verify), ("serve", _add_serve)]
 _COMMANDS.append(("weights", _add_weights))
+_COMMANDS += [("train", _add_train), ("evaluate", _add_evaluate), ("predict", _add_predict)]
 
 
 def build_parser() -> argparse.ArgumentParser:
