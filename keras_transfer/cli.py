@@ -264,6 +264,9 @@ def _load_data(args, *, image_size, channels, training: bool):
     common = dict(image_size=image_size, batch_size=args.batch_size, seed=args.seed)
     common["channels"] = channels
     if not training:
+        # Evaluation takes every image once, so a batch may be smaller than --batch-size.
+        count = len(data.scan_image_folder(args.data)[0])
+        common["batch_size"] = max(1, min(args.batch_size, count))
         ds = data.from_folder(args.data, shuffle=False, **common)
         return ds, None, None, ds.class_names
     split = data.from_folder(args.data, validation_split=args.validation_split, **common)
@@ -458,7 +461,8 @@ def _resolve_model(path: str):
 
     import keras_transfer  # noqa: F401  (registers the custom layers)
 
-    model = keras.models.load_model(model_path)
+    # Inference only: no need for the optimizer state saved after training.
+    model = keras.models.load_model(model_path, compile=False)
     labels_path = model_path.parent / "labels.txt"
     num_classes = model.output_shape[-1]
     if labels_path.is_file():

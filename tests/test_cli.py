@@ -1,0 +1,119 @@
+"""Tests for the `keras-transfer` train / evaluate / predict sub-commands."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_transfer import cli
+
+TINY = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of four 32 px PNGs each: reddish and bluish noise."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, color in (("blue", (30, 30, 200)), ("red", (200, 30, 30))):
+        (root / name).mkdir()
+        for i in range(4):
+            pixels = np.clip(np.array(color) + rng.normal(0, 20, (32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype("uint8")).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """Trains once through the CLI, options half from a YAML config, half on the command line."""
+    out = tmp_path_factory.mktemp("saved_models")
+    config = out / "train.yaml"
+    config.write_text("head_epochs: 1\nfinetune_epochs: 1\nimage-size: 32\nbatch_size: 4\n")
+    argv = ["train", str(image_folder), *TINY, "--config", str(config), "--name", "tiny"]
+    argv += ["--output-dir", str(out), "--validation-split", "0.25", "--quiet"]
+    assert cli.main(argv) == 0
+    return out / "tiny"
+
+
+def test_help_lists_the_sub_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "predict"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "/no/such/folder", *TINY], "neither a folder nor a built-in dataset"),
+        (["train", *TINY], "Give the data"),
+        (["evaluate", "/no/such/model.keras", "fashion_mnist"], "not found"),
+        (["predict", "/no/such/model.keras", "x.png"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unknown_config_key_exits_2(image_folder, tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"head_epoch": 3}))
+    assert cli.main(["train", str(image_folder), *TINY, "--config", str(config)]) == 2
+    assert "Unknown option 'head_epoch'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_writes_model_labels_history_metrics(trained):
+    for name in ("model.keras", "labels.txt", "history.json", "metrics.json"):
+        assert (trained / name).is_file(), name
+    assert (trained / "labels.txt").read_text().split() == ["blue", "red"]
+    history = json.loads((trained / "history.json").read_text())
+    assert history["phases"] == {"head": [0, 1], "finetune": [1, 2]}
+    assert len(history["history"]["loss"]) == 2
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["validation"]["num_examples"] == 2
+    assert metrics["config"]["head_epochs"] == 1  # from the YAML file
+    assert metrics["config"]["image_size"] == 32
+
+
+@pytest.mark.slow
+def test_evaluate_json_parses(trained, image_folder, capsys):
+    assert cli.main(["evaluate", str(trained), str(image_folder), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_examples"] == 8
+    assert metrics["class_names"] == ["blue", "red"]
+    assert np.array(metrics["confusion_matrix"]).sum() == 8
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_text_report(trained, image_folder, capsys):
+    assert cli.main(["evaluate", str(trained / "model.keras"), str(image_folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("accuracy ")
+    assert "confusion matrix" in out
+
+
+@pytest.mark.slow
+def test_predict_prints_top_k_labels(trained, image_folder, capsys):
+    images = [str(image_folder / "red" / "0.png"), str(image_folder / "blue" / "1.png")]
+    assert cli.main(["predict", str(trained), *images, "--top-k", "2", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == images
+    for line in lines:
+        assert sorted(r["label"] for r in line["top_k"]) == ["blue", "red"]
+        assert sum(r["probability"] for r in line["top_k"]) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_rejects_a_file_that_is_not_an_image(trained, tmp_path, capsys):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    assert cli.main(["predict", str(trained), str(bogus)]) == 2
+    assert "not an image" in capsys.readouterr().err
