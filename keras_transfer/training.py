@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from keras_transfer import freezing
+from keras_transfer import caching, freezing
 from keras_transfer.builders import OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,12 @@ def fine_tune(
     batch_size: int = 32,
     strategy: tf.distribute.Strategy | None = None,
     verbose: str | int = "auto",
+    cache: bool | str = "auto",
+    cache_budget_bytes: int | None = caching.DEFAULT_CACHE_BUDGET_BYTES,
+    cache_dir: str | None = None,
+    augment_views: int | None = None,
+    mixed_precision: str | None = None,
+    jit_compile: bool | str = "auto",
 ) -> keras.callbacks.History:
     """Fine-tunes `model` in two phases: the head on a frozen backbone, then the backbone's top.
 
@@ -200,15 +206,32 @@ def fine_tune(
         metrics: Metrics; by default follow the head (accuracy, AUC, MAE).
         callbacks: Keras callbacks, used in both phases.
         class_weight: Optional `{class_id: weight}` for imbalanced data.
-        train_batchnorm: Train BatchNorm gamma/beta in phase 2 (statistics stay fixed).
-        batch_size: Batch size when data comes as arrays.
+        train_batchnorm: Train BatchNorm layers in phase 2 (see `kt.unfreeze`).
+        batch_size: Batch size per replica when data comes as arrays (the global batch is
+            `batch_size * strategy.num_replicas_in_sync`); datasets are used as batched.
         strategy: A `tf.distribute.Strategy`; defaults to the one the model was built under.
         verbose: Passed to `fit`.
+        cache: Train on cached activations of the frozen part (`kt.caching`): `"auto"` does
+            so whenever a phase allows it and logs why when it does not, True insists (raises
+            when it cannot), False always runs the full model.
+        cache_budget_bytes: Bytes of cached activations kept in memory; the rest spills to
+            `tf.data` files in `cache_dir`.
+        cache_dir: Folder for caches beyond the budget; a temporary folder when None. Files are
+            deleted when `fine_tune` returns.
+        augment_views: With an augmentation layer before the backbone, cache this many
+            augmented views per training image (one drawn per image and epoch); None runs the
+            phases plainly instead.
+        mixed_precision: None (train as built), or the policy the model must have been built
+            with, `"mixed_float16"` (loss scaling added) or `"mixed_bfloat16"`; see the
+            builders' `dtype=`.
+        jit_compile: XLA-compile the training steps (and the caching pass when True).
 
     Returns:
         A `keras.callbacks.History` whose `history` holds both phases' logs end to end, with
         `epoch` numbered across phases and `phases` mapping `"head"`/`"finetune"` to their
-        `(first_epoch, end_epoch)` (None for a skipped phase).
+        `(first_epoch, end_epoch)` (None for a skipped phase). `cached` tells which path ran:
+        `{"head": True, "finetune": "block_15_add"}` (the cut the activations were taken at;
+        False for a plain phase, None for a skipped one).
 
     Raises:
         ValueError: for zero epochs in both phases, a learning rate <= 0, a strategy mismatch, or
@@ -233,67 +256,215 @@ def fine_tune(
     head_learning_rate = _check_learning_rate("head_learning_rate", head_learning_rate)
     finetune_learning_rate = _check_learning_rate("finetune_learning_rate", finetune_learning_rate)
     unfreeze_kwargs = _unfreeze_kwargs(unfreeze)
+    caching.check_cache_arguments(cache, augment_views, cache_budget_bytes)
+    check_mixed_precision(model, mixed_precision)
     strategy = resolve_strategy(model, strategy)
-    train_data = _as_dataset(train_data, batch_size)
-    validation_data = _as_dataset(validation_data, batch_size)
+    global_batch_size = batch_size * strategy.num_replicas_in_sync
+    train_data = _as_dataset(train_data, global_batch_size)
+    validation_data = _as_dataset(validation_data, global_batch_size)
     if loss is None:
         loss, default_metrics = default_loss_and_metrics(model, train_data.element_spec[1])
         metrics = default_metrics if metrics is None else metrics
     # Validate the unfreeze request on the model before any epoch runs; phase 2 redoes it.
-    if finetune_epochs:
-        freezing.plan_unfreeze(model, **unfreeze_kwargs)
-
-    fit_kwargs = dict(
-        validation_data=validation_data,
-        callbacks=list(callbacks or []),
-        class_weight=class_weight,
-        verbose=verbose,
+    cut = freezing.plan_unfreeze(model, **unfreeze_kwargs) if finetune_epochs else None
+    epochs = {"head": head_epochs, "finetune": finetune_epochs}
+    freezing.freeze_backbone(model)
+    cached = _cached_phases(
+        model,
+        train_data,
+        validation_data,
+        epochs=epochs,
+        cut=cut,
+        cache=cache,
+        augment_views=augment_views,
+        callbacks=callbacks,
+        budget_bytes=cache_budget_bytes,
+        cache_dir=cache_dir,
+        jit_compile=jit_compile is True,
+        strategy=strategy,
     )
+    compile_kwargs = dict(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    fit_kwargs = dict(callbacks=list(callbacks or []), class_weight=class_weight, verbose=verbose)
     histories = []
-    if head_epochs:
-        freezing.freeze_backbone(model)
-        with strategy.scope():
-            model.compile(
-                optimizer=keras.optimizers.get(
-                    {"class_name": optimizer, "config": {"learning_rate": head_learning_rate}}
-                ),
-                loss=loss,
-                metrics=_fresh(metrics),
+    try:
+        if head_epochs:
+            logger.info("Phase 1/2: training the head for %d epochs.", head_epochs)
+            history = _fit_phase(
+                model,
+                cached.get("head"),
+                train_data,
+                validation_data,
+                learning_rate=head_learning_rate,
+                strategy=strategy,
+                compile_kwargs=compile_kwargs,
+                fit_kwargs=dict(fit_kwargs, epochs=head_epochs),
             )
-        logger.info("Phase 1/2: training the head for %d epochs.", head_epochs)
-        histories.append(("head", model.fit(train_data, epochs=head_epochs, **fit_kwargs)))
-    if finetune_epochs:
-        freezing.unfreeze(model, train_batchnorm=train_batchnorm, **unfreeze_kwargs)
-        steps = steps_per_epoch(train_data)
-        schedule = finetune_schedule(
-            finetune_learning_rate,
-            steps * finetune_epochs if steps else None,
-            int(round(warmup_epochs * steps)) if steps else 0,
-        )
-        with strategy.scope():
-            model.compile(
-                optimizer=keras.optimizers.get(
-                    {"class_name": optimizer, "config": {"learning_rate": schedule}}
-                ),
-                loss=loss,
-                metrics=_fresh(metrics),
+            histories.append(("head", history))
+        if finetune_epochs:
+            freezing.unfreeze(model, train_batchnorm=train_batchnorm, **unfreeze_kwargs)
+            steps = steps_per_epoch(train_data)
+            schedule = finetune_schedule(
+                finetune_learning_rate,
+                steps * finetune_epochs if steps else None,
+                int(round(warmup_epochs * steps)) if steps else 0,
             )
-        logger.info("Phase 2/2: fine-tuning %s for %d epochs.", unfreeze_kwargs, finetune_epochs)
-        histories.append(
-            (
-                "finetune",
-                model.fit(
-                    train_data,
-                    initial_epoch=head_epochs,
-                    epochs=head_epochs + finetune_epochs,
-                    **fit_kwargs,
+            logger.info(
+                "Phase 2/2: fine-tuning %s for %d epochs.", unfreeze_kwargs, finetune_epochs
+            )
+            history = _fit_phase(
+                model,
+                cached.get("finetune"),
+                train_data,
+                validation_data,
+                learning_rate=schedule,
+                strategy=strategy,
+                compile_kwargs=compile_kwargs,
+                fit_kwargs=dict(
+                    fit_kwargs, initial_epoch=head_epochs, epochs=head_epochs + finetune_epochs
                 ),
             )
-        )
+            histories.append(("finetune", history))
+    finally:
+        for phase in cached.values():
+            phase.close()
     merged = _merge_histories(model, histories)
     merged.phases.setdefault("head", None)
     merged.phases.setdefault("finetune", None)
+    merged.cached = {
+        "head": ("head" in cached) if head_epochs else None,
+        "finetune": cached["finetune"].cut
+        if "finetune" in cached
+        else (False if finetune_epochs else None),
+    }
+    merged.cache_info = caching.describe(list(cached.values()))
     return merged
+
+
+MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16", "float32")
+
+
+def check_mixed_precision(model: keras.Model, mixed_precision: str | None) -> None:
+    """Refuses a mixed-precision request the model was not built for.
+
+    A Keras dtype policy applies when layers are created, so it cannot be switched on later.
+    """
+    if mixed_precision is None:
+        return
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"`mixed_precision` must be None or one of {MIXED_PRECISION}. "
+            f"Received: mixed_precision={mixed_precision!r}"
+        )
+    built = freezing.find_backbone(model).dtype_policy.name
+    if built != mixed_precision:
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} was requested but model {model.name!r} was "
+            f"built with the {built!r} dtype policy; a policy takes effect when layers are "
+            f"created. Build it with kt.build_classifier(..., dtype={mixed_precision!r}) (or "
+            "kt.build_regressor), then call fine_tune again."
+        )
+
+
+def _make_optimizer(name: str, learning_rate, model: keras.Model):
+    optimizer = keras.optimizers.get(
+        {"class_name": name, "config": {"learning_rate": learning_rate}}
+    )
+    # Phase models carry the float32 policy, so Keras would not add loss scaling on its own.
+    if model.dtype_policy.name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _fit_phase(
+    model,
+    cached,
+    train_data,
+    validation_data,
+    *,
+    learning_rate,
+    strategy,
+    compile_kwargs,
+    fit_kwargs,
+):
+    """Compiles and fits one phase, on the full model or on its cached phase model."""
+    kwargs = dict(compile_kwargs)
+    optimizer, metrics = kwargs.pop("optimizer"), kwargs.pop("metrics")
+    fit_model = cached.model if cached else model
+    with strategy.scope():
+        # The full model is compiled either way, so it is ready for evaluate/predict afterwards.
+        for target in dict.fromkeys((model, fit_model)):
+            target.compile(
+                optimizer=_make_optimizer(optimizer, learning_rate, model),
+                metrics=_fresh(metrics),
+                **kwargs,
+            )
+    if cached:
+        train_data, validation_data = cached.train_data, cached.validation_data
+    # fit inside the scope too: optimizers create their slot variables on the first step.
+    with strategy.scope():
+        return fit_model.fit(train_data, validation_data=validation_data, **fit_kwargs)
+
+
+def _cached_phases(
+    model,
+    train_data,
+    validation_data,
+    *,
+    epochs,
+    cut,
+    cache,
+    augment_views,
+    callbacks,
+    budget_bytes,
+    cache_dir,
+    jit_compile,
+    strategy,
+) -> dict:
+    """Decides which phases train on cached activations and fills the caches in one pass."""
+    if cache is False:
+        return {}
+    wanted = []
+    for phase in ("head", "finetune"):
+        if not epochs[phase]:
+            continue
+        reason = caching.cache_blocker(
+            model,
+            phase=phase,
+            cut_index=cut,
+            augment_views=augment_views,
+            callbacks=callbacks,
+            train_data=train_data,
+        )
+        if reason is None:
+            wanted.append(phase)
+        elif cache is True:
+            raise ValueError(
+                f"cache=True but the {phase} phase cannot train on cached activations: "
+                f"{reason}. Use cache='auto' to run such phases plainly."
+            )
+        else:
+            logger.warning("Phase %r runs plainly, without caching: %s.", phase, reason)
+    if not wanted:
+        return {}
+    if augment_views and caching.augmentation_layer(model) is not None:
+        logger.warning(
+            "Caching %d augmented views per training image; each epoch draws one per image.",
+            augment_views,
+        )
+    phases = caching.prepare(
+        model,
+        train_data,
+        validation_data,
+        cut_index=cut if "finetune" in wanted else None,
+        augment_views=augment_views if caching.augmentation_layer(model) is not None else None,
+        budget_bytes=budget_bytes,
+        cache_dir=cache_dir,
+        jit_compile=jit_compile,
+        strategy=strategy,
+    )
+    names = ("finetune", "head") if "finetune" in wanted else ("head",)
+    by_phase = dict(zip(names, phases, strict=True))
+    return {phase: by_phase[phase] for phase in wanted}
 
 
 def _fresh(metrics):

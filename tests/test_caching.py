@@ -1,0 +1,246 @@
+"""Cached phases agree with plain fits, keep the frozen part untouched and spill to disk."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_transfer as kt  # noqa: E402
+from keras_transfer import caching, freezing  # noqa: E402
+
+SIZE = 32
+
+
+def calibrate(model: keras.Model, x: np.ndarray) -> keras.Model:
+    """Sets every BatchNorm's moving statistics from one batch, so a random backbone's features
+    keep their scale (untrained BatchNorm lets them shrink to ~1e-12)."""
+    backbone = kt.find_backbone(model)
+    norms = [
+        layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in norms:
+        layer.momentum = 0.0
+    prefix = keras.Model(model.inputs[0], model.get_layer("preprocessing").output)
+    backbone(prefix(x), training=True)
+    for layer in norms:
+        layer.momentum = 0.99
+    return model
+
+
+def make_model(x, **kwargs):
+    keras.utils.set_random_seed(1)
+    kwargs.setdefault("dropout", 0.0)
+    model = kt.build_classifier(
+        "mobilenet_v2", 3, image_size=SIZE, weights=None, alpha=0.35, **kwargs
+    )
+    return calibrate(model, x)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    y = np.arange(48) % 3
+    x = rng.uniform(0, 255, (48, SIZE, SIZE, 3)) * 0.5 + y[:, None, None, None] * 60.0
+    return np.clip(x, 0, 255).astype("float32"), y
+
+
+def fit(x, y, cache, head_epochs=2, finetune_epochs=2, **kwargs):
+    model = make_model(x, **kwargs.pop("build", {}))
+    train = kt.data.from_arrays(x, y, batch_size=16, shuffle=False)
+    history = kt.fine_tune(
+        model,
+        train,
+        train,
+        head_epochs=head_epochs,
+        finetune_epochs=finetune_epochs,
+        cache=cache,
+        verbose=0,
+        **kwargs,
+    )
+    return model, history
+
+
+def max_difference(a: keras.Model, b: keras.Model) -> float:
+    return max(
+        float(np.abs(u - v).max()) for u, v in zip(a.get_weights(), b.get_weights(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("finetune_epochs", [0, 2])
+def test_cached_and_plain_agree(data, finetune_epochs):
+    x, y = data
+    plain, plain_history = fit(x, y, False, finetune_epochs=finetune_epochs)
+    cached, history = fit(x, y, True, finetune_epochs=finetune_epochs)
+    assert plain_history.cached["head"] is False
+    assert history.cached == {
+        "head": True,
+        "finetune": "block_15_add" if finetune_epochs else None,
+    }
+    assert history.phases == plain_history.phases
+    assert set(history.history) == set(plain_history.history)
+    # The runs trained: losses moved.
+    assert history.history["loss"][0] != history.history["loss"][-1]
+    np.testing.assert_allclose(history.history["loss"], plain_history.history["loss"], rtol=1e-3)
+    assert max_difference(plain, cached) < 1e-4
+    np.testing.assert_allclose(cached.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-4)
+
+
+def test_phase1_leaves_backbone_untouched(data):
+    x, y = data
+    model = make_model(x)
+    before = [w.copy() for w in kt.find_backbone(model).get_weights()]
+    head_before = [w.copy() for w in model.get_layer("predictions").get_weights()]
+    kt.fine_tune(model, (x, y), head_epochs=2, finetune_epochs=0, cache=True, verbose=0)
+    after = kt.find_backbone(model).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not np.array_equal(head_before[0], model.get_layer("predictions").get_weights()[0])
+
+
+def test_phase2_trains_full_model_top_only(data):
+    x, y = data
+    model = make_model(x)
+    backbone = kt.find_backbone(model)
+    bottom = backbone.get_layer("block_14_project")
+    top = backbone.get_layer("Conv_1")
+    bottom_before, top_before = bottom.get_weights()[0].copy(), top.get_weights()[0].copy()
+    history = kt.fine_tune(model, (x, y), head_epochs=1, finetune_epochs=2, cache=True, verbose=0)
+    assert history.cached["finetune"] == "block_15_add"
+    assert np.array_equal(bottom.get_weights()[0], bottom_before)
+    assert not np.array_equal(top.get_weights()[0], top_before)
+    # The full model holds the trained weights: evaluating it gives the phase's last loss.
+    loss = model.evaluate(x, y, verbose=0)[0]
+    assert loss == pytest.approx(history.history["loss"][-1], rel=0.5)
+
+
+def test_spills_to_disk_beyond_budget(data, tmp_path):
+    x, y = data
+    model = make_model(x)
+    freezing.freeze_backbone(model)
+    train = kt.data.from_arrays(x, y, batch_size=16, shuffle=False)
+    cut = freezing.plan_unfreeze(model, blocks=2)
+    phases = caching.prepare(model, train, train, cut_index=cut, budget_bytes=0, cache_dir=tmp_path)
+    assert [p.cut for p in phases] == ["block_15_add", "pooling"]
+    assert all(c.on_disk for p in phases for c in p.caches)
+    assert any(tmp_path.iterdir())
+    in_memory = caching.prepare(model, train, None, cut_index=cut)
+    for on_disk, memory in zip(phases, in_memory, strict=True):
+        a = np.concatenate([b[0].numpy() for b in on_disk.train_data])
+        b = np.concatenate([b[0].numpy() for b in memory.train_data])
+        np.testing.assert_array_equal(a, b)
+    for phase in phases:
+        phase.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_fine_tune_spills_and_cleans_up(data, tmp_path):
+    x, y = data
+    seen = []
+
+    class Look(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(len(list(tmp_path.iterdir())))
+
+    model, history = fit(
+        x,
+        y,
+        True,
+        head_epochs=1,
+        finetune_epochs=1,
+        cache_budget_bytes=1,
+        cache_dir=str(tmp_path),
+        callbacks=[Look()],
+    )
+    assert seen and all(n > 0 for n in seen)
+    assert not any(tmp_path.iterdir())
+    assert history.cached == {"head": True, "finetune": "block_15_add"}
+
+
+def test_augmentation_runs_plainly_unless_views_given(data, caplog):
+    x, y = data
+    build = {"augmentation": [keras.layers.RandomFlip("horizontal")]}
+    with caplog.at_level("WARNING"):
+        _, history = fit(x, y, "auto", head_epochs=1, finetune_epochs=1, build=build)
+    assert history.cached == {"head": False, "finetune": False}
+    assert "augment_views" in caplog.text
+    with pytest.raises(ValueError, match="augment_views"):
+        fit(x, y, True, head_epochs=1, finetune_epochs=0, build=build)
+    _, history = fit(x, y, True, head_epochs=1, finetune_epochs=1, build=build, augment_views=2)
+    assert history.cached == {"head": True, "finetune": "block_15_add"}
+
+
+def test_augmented_views_differ(data):
+    x, y = data
+    model = make_model(x, augmentation=[keras.layers.RandomFlip("horizontal")])
+    train = kt.data.from_arrays(x, y, batch_size=16, shuffle=False)
+    (phase,) = caching.prepare(model, train, None, cut_index=None, augment_views=3)
+    features = phase.caches[0].dataset
+    first = next(iter(features))[0].numpy()
+    assert first.shape[0] == 3
+    assert not np.allclose(first[0], first[1]) or not np.allclose(first[0], first[2])
+    batch = next(iter(phase.train_data))[0]
+    assert batch.shape == (16, first.shape[-1])
+
+
+def test_checkpoint_callback_runs_plainly(data, tmp_path):
+    x, y = data
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"))
+    _, history = fit(x, y, "auto", head_epochs=1, finetune_epochs=0, callbacks=[checkpoint])
+    assert history.cached["head"] is False
+
+
+def test_not_a_single_tensor_cut_runs_plainly(data):
+    x, y = data
+    _, history = fit(x, y, "auto", head_epochs=0, finetune_epochs=1, unfreeze="block_16_project")
+    assert history.cached == {"head": None, "finetune": False}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"cache": "yes"}, "`cache`"),
+        ({"augment_views": 0}, "augment_views"),
+        ({"cache_budget_bytes": -1}, "cache_budget_bytes"),
+        ({"mixed_precision": "mixed_float16"}, "dtype='mixed_float16'"),
+        ({"mixed_precision": "float64"}, "mixed_precision"),
+    ],
+)
+def test_bad_arguments(data, kwargs, match):
+    x, y = data
+    model = kt.build_classifier("mobilenet_v2", 3, image_size=SIZE, weights=None, alpha=0.35)
+    with pytest.raises(ValueError, match=match):
+        kt.fine_tune(model, (x, y), head_epochs=1, finetune_epochs=0, verbose=0, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_dtypes_and_closeness(data, policy):
+    x, y = data
+    reference, ref_history = fit(x, y, True, head_epochs=2, finetune_epochs=1)
+    mixed, history = fit(
+        x,
+        y,
+        True,
+        head_epochs=2,
+        finetune_epochs=1,
+        mixed_precision=policy,
+        build={"dtype": policy},
+    )
+    assert kt.find_backbone(mixed).compute_dtype == policy.removeprefix("mixed_")
+    assert mixed.get_layer("predictions").compute_dtype == "float32"
+    predictions = mixed.predict(x, verbose=0)
+    assert predictions.dtype == np.float32
+    np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+    tolerance = 0.05 if policy == "mixed_float16" else 0.15
+    np.testing.assert_allclose(
+        history.history["loss"], ref_history.history["loss"], rtol=tolerance, atol=tolerance
+    )
+    assert np.abs(predictions - reference.predict(x, verbose=0)).max() < 2 * tolerance
+
+
+def test_jit_compile(data):
+    x, y = data
+    _, history = fit(x, y, True, head_epochs=1, finetune_epochs=1, jit_compile=True)
+    assert history.cached == {"head": True, "finetune": "block_15_add"}
+    assert np.isfinite(history.history["loss"]).all()
