@@ -21,12 +21,13 @@ def calibrate(model: keras.Model, x: np.ndarray) -> keras.Model:
     norms = [
         layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
     ]
+    saved = [(layer.momentum, layer.trainable) for layer in norms]
     for layer in norms:
-        layer.momentum = 0.0
+        layer.momentum, layer.trainable = 0.0, True
     prefix = keras.Model(model.inputs[0], model.get_layer("preprocessing").output)
     backbone(prefix(x), training=True)
-    for layer in norms:
-        layer.momentum = 0.99
+    for layer, (momentum, trainable) in zip(norms, saved, strict=True):
+        layer.momentum, layer.trainable = momentum, trainable
     return model
 
 
