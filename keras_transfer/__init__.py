@@ -11,7 +11,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from keras_transfer import data  # noqa: E402
+from keras_transfer import data, datasets, serving, weights  # noqa: E402
 from keras_transfer.backbones import (  # noqa: E402
     REGISTRY,
     Backbone,
@@ -21,6 +21,12 @@ from keras_transfer.backbones import (  # noqa: E402
     unfreeze_points,
 )
 from keras_transfer.builders import build_classifier, build_regressor  # noqa: E402
+from keras_transfer.export import (  # noqa: E402
+    VerificationError,
+    export_for_serving,
+    verify_export,
+    write_models_config,
+)
 from keras_transfer.freezing import (  # noqa: E402
     find_backbone,
     freeze_backbone,
@@ -39,6 +45,13 @@ __all__ = [
     "build_classifier",
     "build_regressor",
     "data",
+    "datasets",
+    "export_for_serving",
+    "serving",
+    "VerificationError",
+    "verify_export",
+    "weights",
+    "write_models_config",
     "find_backbone",
     "fine_tune",
     "freeze_backbone",

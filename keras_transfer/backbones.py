@@ -50,7 +50,10 @@ class Backbone:
         """Builds the headless backbone (`include_top=False`) at `image_size`."""
         size = _as_hw(image_size or self.default_size)
         kwargs.setdefault("weights", None)
-        return self.constructor(include_top=False, input_shape=(*size, 3), **kwargs)
+        model = self.constructor(include_top=False, input_shape=(*size, 3), **kwargs)
+        # Renamed after construction: EfficientNetV2 looks its block table up by `name`.
+        model.name = self.name
+        return model
 
 
 def _as_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """Builders: a `keras.applications` backbone plus a new head, as a plain Functional `keras.Model`.
 
 The graph is always: raw pixels in [0, 255] -> optional augmentation (active only in training) ->
-the backbone's own preprocessing -> backbone called with `training=False` (BatchNorm stays in
-inference mode, whatever is unfrozen later) -> pooling -> head. Everything is a built-in Keras
+the backbone's own preprocessing -> backbone called with `training=False` -> pooling -> head.
+Keras 3 passes the outer `training` flag on to nested models, overriding `training=False`, so the
+builders also freeze every BatchNormalization layer of the backbone: a frozen Keras 3 BatchNorm
+always runs in inference mode, and its moving statistics never change, whatever is unfrozen later. Everything is a built-in Keras
 layer or a registered keras_transfer layer, so `.keras` files reload without `custom_objects` and
 SavedModel exports carry the preprocessing.
 """
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_transfer.backbones import Backbone, get_backbone
+from keras_transfer.freezing import freeze_batchnorm
 from keras_transfer.layers import BackbonePreprocessing
 
 INPUT_NAME = "images"
@@ -152,12 +155,8 @@ def _backbone_features(
         x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
     x = BackbonePreprocessing(mode, name="preprocessing")(x)
     try:
-        base = spec.constructor(
-            include_top=False,
-            weights=None if weights is None else str(weights),
-            input_shape=(*size, 3),
-            name=spec.name,
-            **backbone_kwargs,
+        base = spec.build(
+            size, weights=None if weights is None else str(weights), **backbone_kwargs
         )
     except Exception as error:
         if weights is None:
@@ -173,6 +172,7 @@ def _backbone_features(
             f"{backbone_kwargs or 'default arguments'}: {error}. Pass the weights file saved from "
             "the same architecture and width, or weights=None."
         ) from error
+    freeze_batchnorm(base)
     x = base(x, training=False)
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="pooling")(x)

@@ -366,7 +366,9 @@ def from_tfds(
             ) from error
     else:
         builder = name_or_builder
-    if not getattr(builder, "is_prepared", lambda: True)():
+    # ImageFolder reads its folder directly; every other builder must already be prepared on disk.
+    reads_directly = isinstance(builder, tfds.folder_dataset.ImageFolder)
+    if not reads_directly and not builder.is_prepared():
         raise ValueError(
             f"TFDS dataset {builder.name!r} is not prepared in {builder.data_dir!r}; "
             "keras_transfer never downloads. Prepare it once where the internet is reachable "

@@ -1,8 +1,9 @@
 """BatchNorm-safe freezing and partial unfreezing of a model's backbone, by block, fraction or name.
 
-Two traps are closed here. BatchNormalization layers stay frozen when a backbone is unfrozen
-(the builders also call the backbone with `training=False`, so their moving statistics never
-move). And a compiled model is recompiled after its trainable set changes, because Keras keeps
+Two traps are closed here. BatchNormalization layers stay frozen when a backbone is unfrozen: a
+frozen Keras 3 BatchNorm runs in inference mode even inside `fit`, so its moving statistics never
+move (the `training=False` the builders call the backbone with is overridden by Keras 3 in nested
+models; freezing is what holds). And a compiled model is recompiled after its trainable set changes, because Keras keeps
 training the variables it compiled with until it is compiled again.
 """
 
@@ -54,7 +55,8 @@ def _all_layers(layer: keras.layers.Layer):
         yield from _all_layers(sub)
 
 
-def _freeze_batchnorm(backbone: keras.Model) -> None:
+def freeze_batchnorm(backbone: keras.layers.Layer) -> None:
+    """Freezes every BatchNormalization layer in `backbone`, which keeps it in inference mode."""
     for layer in _all_layers(backbone):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
@@ -198,8 +200,9 @@ def unfreeze(
         fraction: Fraction in [0, 1] of the backbone's weighted layers to train, rounded up to
             the next block boundary. 1.0 trains the whole backbone.
         from_layer: Name of the first backbone layer to train; it and every layer after it train.
-        train_batchnorm: Also train BatchNormalization gamma/beta (moving statistics still stay
-            fixed, as the backbone runs in inference mode).
+        train_batchnorm: Also train the BatchNormalization layers. In Keras 3 a trainable
+            BatchNorm normalises with batch statistics in training and updates its moving
+            statistics, so only do this with large batches and plenty of data.
 
     Returns:
         The name of the last frozen operation of the backbone (the cut), or None when the whole
@@ -223,7 +226,7 @@ def unfreeze(
         if isinstance(op, keras.layers.Layer):
             op.trainable = i > cut
     if not train_batchnorm:
-        _freeze_batchnorm(backbone)
+        freeze_batchnorm(backbone)
     _recompile(model)
     return ops[cut].name if cut >= 0 else None
 
