@@ -4,9 +4,9 @@ The graph is always: raw pixels in [0, 255] -> optional augmentation (active onl
 the backbone's own preprocessing -> backbone called with `training=False` -> pooling -> head.
 Keras 3 passes the outer `training` flag on to nested models, overriding `training=False`, so the
 builders also freeze every BatchNormalization layer of the backbone: a frozen Keras 3 BatchNorm
-always runs in inference mode, and its moving statistics never change, whatever is unfrozen later. Everything is a built-in Keras
-layer or a registered keras_transfer layer, so `.keras` files reload without `custom_objects` and
-SavedModel exports carry the preprocessing.
+always runs in inference mode, and its moving statistics never change, whatever is unfrozen
+later. Everything is a built-in Keras layer or a registered keras_transfer layer, so `.keras`
+files reload without `custom_objects` and SavedModel exports carry the preprocessing.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Two traps are closed here. BatchNormalization layers stay frozen when a backbone is unfrozen: a
 frozen Keras 3 BatchNorm runs in inference mode even inside `fit`, so its moving statistics never
 move (the `training=False` the builders call the backbone with is overridden by Keras 3 in nested
-models; freezing is what holds). And a compiled model is recompiled after its trainable set changes, because Keras keeps
-training the variables it compiled with until it is compiled again.
+models; freezing is what holds). And a compiled model is recompiled after its trainable set
+changes, because Keras keeps training the variables it compiled with until it is compiled again.
 """
 
 from __future__ import annotations
