@@ -439,10 +439,17 @@ def _run_train(args) -> int:
     _banner(f"Done in {time.perf_counter() - start:.0f} s: {folder}")
     key = "test" if "test" in metrics else "validation" if "validation" in metrics else None
     if key:
-        line = f"{key} accuracy: {metrics[key]['accuracy']:.3f} ({weights or 'random init'})"
+        n = metrics[key]["num_examples"]
+        label = f"{args.backbone}, weights={weights or 'none (random init)'}"
+        rows = [(label, metrics[key]["accuracy"])]
         if args.compare_scratch and key in summary["scratch"]:
-            line += f"  vs  {summary['scratch'][key]['accuracy']:.3f} (random init)"
-        print(line)
+            rows.append(
+                (f"{args.backbone}, same run from random init", summary["scratch"][key]["accuracy"])
+            )
+        width = max(len(r[0]) for r in rows)
+        print(f"{key} accuracy on {n} held-out images:")
+        for text, accuracy in rows:
+            print(f"  {text:<{width}}  {accuracy:.3f}")
     return 0
 
 
