@@ -28,7 +28,6 @@ _FIT_OPTIONS = (
     "head_learning_rate",
     "finetune_learning_rate",
     "warmup_epochs",
-    "label_smoothing",
     "optimizer",
 )
 
@@ -112,7 +111,6 @@ def _add_train(subparsers) -> None:
     fit.add_argument("--head-learning-rate", type=float, default=None, help="Phase 1 rate.")
     fit.add_argument("--finetune-learning-rate", type=float, default=None, help="Phase 2 peak.")
     fit.add_argument("--warmup-epochs", type=float, default=None, help="Phase 2 warm-up.")
-    fit.add_argument("--label-smoothing", type=float, default=None, help="Loss smoothing.")
     fit.add_argument("--optimizer", default=None, help="adam, adamw, sgd, ...")
     fit.add_argument(
         "--train-batchnorm", action="store_true", help="Train BatchNorm gamma/beta in phase 2."
