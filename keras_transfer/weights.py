@@ -554,6 +554,9 @@ def imported_weights_available(
     Returns:
         True if the file exists and was written by `import_torchvision`.
     """
+    sizes = _get_arch(arch).sizes
+    # keras.applications falls back to its largest size's file for other sizes.
+    size = size if size in sizes else max(sizes)
     path = keras_weight_path(arch, alpha, size, include_top=include_top, cache_dir=cache_dir)
     if not path.is_file():
         return False
