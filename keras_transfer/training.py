@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from keras_transfer import caching, freezing
+from keras_transfer import caching, checkpointing, freezing
 from keras_transfer.builders import OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,9 @@ def fine_tune(
     augment_views: int | None = None,
     mixed_precision: str | None = None,
     jit_compile: bool | str = "auto",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 100,
+    checkpoint_seed: int = 0,
 ) -> keras.callbacks.History:
     """Fine-tunes `model` in two phases: the head on a frozen backbone, then the backbone's top.
 
@@ -225,6 +228,13 @@ def fine_tune(
             with, `"mixed_float16"` (loss scaling added) or `"mixed_bfloat16"`; see the
             builders' `dtype=`.
         jit_compile: XLA-compile the training steps (and the caching pass when True).
+        checkpoint_dir: Folder for a resumable run (`kt.checkpointing`): a checkpoint every
+            `checkpoint_every` optimizer steps and at each epoch end; calling again with the
+            same folder resumes at the next batch of the phase and epoch it stopped in. Each
+            epoch's order is then `train_data` shuffled by `(checkpoint_seed, epoch)`, and
+            caching is off.
+        checkpoint_every: Optimizer steps between checkpoints.
+        checkpoint_seed: Seed of the per-epoch data order when checkpointing.
 
     Returns:
         A `keras.callbacks.History` whose `history` holds both phases' logs end to end, with
@@ -257,6 +267,7 @@ def fine_tune(
     finetune_learning_rate = _check_learning_rate("finetune_learning_rate", finetune_learning_rate)
     unfreeze_kwargs = _unfreeze_kwargs(unfreeze)
     caching.check_cache_arguments(cache, augment_views, cache_budget_bytes)
+    checkpointing.check_arguments(checkpoint_dir, checkpoint_every, checkpoint_seed)
     check_mixed_precision(model, mixed_precision)
     strategy = resolve_strategy(model, strategy)
     global_batch_size = batch_size * strategy.num_replicas_in_sync
@@ -269,6 +280,12 @@ def fine_tune(
     cut = freezing.plan_unfreeze(model, **unfreeze_kwargs) if finetune_epochs else None
     epochs = {"head": head_epochs, "finetune": finetune_epochs}
     freezing.freeze_backbone(model)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = checkpointing.Checkpointer(
+            checkpoint_dir, every=checkpoint_every, seed=checkpoint_seed
+        )
+        cache = checkpointer.cache_setting(cache)
     cached = _cached_phases(
         model,
         train_data,
@@ -287,7 +304,7 @@ def fine_tune(
     fit_kwargs = dict(callbacks=list(callbacks or []), class_weight=class_weight, verbose=verbose)
     histories = []
     try:
-        if head_epochs:
+        if head_epochs and not (checkpointer and checkpointer.skips(model, "head")):
             logger.info("Phase 1/2: training the head for %d epochs.", head_epochs)
             history = _fit_phase(
                 model,
@@ -298,6 +315,7 @@ def fine_tune(
                 strategy=strategy,
                 compile_kwargs=compile_kwargs,
                 fit_kwargs=dict(fit_kwargs, epochs=head_epochs),
+                checkpoint=(checkpointer, "head"),
             )
             histories.append(("head", history))
         if finetune_epochs:
@@ -322,6 +340,7 @@ def fine_tune(
                 fit_kwargs=dict(
                     fit_kwargs, initial_epoch=head_epochs, epochs=head_epochs + finetune_epochs
                 ),
+                checkpoint=(checkpointer, "finetune"),
             )
             histories.append(("finetune", history))
     finally:
@@ -385,6 +404,7 @@ def _fit_phase(
     strategy,
     compile_kwargs,
     fit_kwargs,
+    checkpoint=(None, None),
 ):
     """Compiles and fits one phase, on the full model or on its cached phase model."""
     kwargs = dict(compile_kwargs)
@@ -402,6 +422,10 @@ def _fit_phase(
         train_data, validation_data = cached.train_data, cached.validation_data
     # fit inside the scope too: optimizers create their slot variables on the first step.
     with strategy.scope():
+        if checkpoint[0] is not None:
+            return checkpoint[0].fit(
+                fit_model, checkpoint[1], train_data, validation_data, fit_kwargs
+            )
         return fit_model.fit(train_data, validation_data=validation_data, **fit_kwargs)
 
 

@@ -1,0 +1,124 @@
+"""Resume after a hard kill: SIGKILL a resumable `kt.fine_tune` mid-phase, restart it, compare.
+
+The worker (tests/resume_worker.py) trains 2 + 2 epochs of 5 batches (10 optimizer steps a phase)
+with a checkpoint after every step, printing `STEP <phase> <iterations>` after each one. The
+parent kills it at a random step of a chosen phase, restarts it on the same checkpoint folder, and
+checks that each phase ends after exactly as many optimizer steps as an uninterrupted run, that
+each restart continues at the step after the last checkpoint (none applied twice, none skipped),
+and that the final weights match the uninterrupted run's.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keras_transfer import checkpointing
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+STEPS_PER_PHASE = 10
+
+
+def _run(checkpoint_dir, output, kill_at=None, sleep=0.0):
+    """Runs the worker; kills it with SIGKILL once it prints `STEP phase n` for kill_at=(phase, n).
+
+    Returns the `(phase, iterations)` steps it printed and whether it was killed.
+    """
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), str(checkpoint_dir), str(output), str(sleep)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    steps, killed = [], False
+    try:
+        for line in process.stdout:
+            if not line.startswith("STEP "):
+                continue
+            _, phase, iterations = line.split()
+            steps.append((phase, int(iterations)))
+            if kill_at is not None and (phase, int(iterations)) == kill_at:
+                os.kill(process.pid, signal.SIGKILL)
+                killed = True
+                break
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    if not killed:
+        assert process.returncode == 0, f"worker failed with exit code {process.returncode}"
+    else:
+        assert process.returncode == -signal.SIGKILL
+    return steps, killed
+
+
+def _weights(path):
+    with np.load(path) as data:
+        return [data[f"w{i}"] for i in range(len(data.files) - 1)], int(data["applied"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    steps, _ = _run(root / "ckpt", root / "out.npz")
+    weights, applied = _weights(root / "out.npz")
+    assert applied == 2 * STEPS_PER_PHASE
+    assert steps == [(p, i) for p in checkpointing.PHASES for i in range(1, 11)]
+    return weights
+
+
+def _kill_and_resume(tmp_path, seed, uninterrupted):
+    rng = random.Random(seed)
+    kills = [("head", rng.randint(1, STEPS_PER_PHASE - 1)), ("finetune", rng.randint(1, 9))]
+    checkpoint_dir, output = tmp_path / "ckpt", tmp_path / "out.npz"
+    seen = []
+    for kill_at in kills:
+        steps, killed = _run(checkpoint_dir, output, kill_at=kill_at, sleep=0.05)
+        assert killed, f"the run ended before step {kill_at}"
+        seen.append(steps)
+        # Whatever the kill interrupted, the folder holds one whole checkpoint, no temporary.
+        assert [p.name for p in checkpoint_dir.iterdir()] == [checkpointing.CHECKPOINT_FILE]
+    steps, killed = _run(checkpoint_dir, output)
+    assert not killed
+    seen.append(steps)
+    for before, after in zip(seen, seen[1:], strict=False):
+        # checkpoint_every=1: the restart continues right after the last step printed, or
+        # redoes only a step that was killed between its print and its checkpoint.
+        last = before[-1]
+        first = after[0]
+        same_phase_next = first == (last[0], last[1] + 1) or first == last
+        next_phase = last[0] == "head" and first == ("finetune", 1)
+        assert same_phase_next or next_phase, (before[-3:], after[:3])
+    final = seen[-1]
+    assert final[-1] == ("finetune", STEPS_PER_PHASE)  # total optimizer steps as uninterrupted
+    weights, _ = _weights(output)
+    assert len(weights) == len(uninterrupted)
+    for got, want in zip(weights, uninterrupted, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return kills
+
+
+def test_resume_after_sigkill_in_both_phases(tmp_path, uninterrupted):
+    _kill_and_resume(tmp_path, seed=1, uninterrupted=uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 3])
+def test_resume_after_sigkill_more_seeds(tmp_path, uninterrupted, seed):
+    _kill_and_resume(tmp_path, seed=seed, uninterrupted=uninterrupted)
+
+
+def test_checkpoint_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        checkpointing.check_arguments(tmp_path, 0, 0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        checkpointing.check_arguments(tmp_path / "file", 10, 0)
