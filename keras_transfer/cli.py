@@ -29,6 +29,8 @@ _FIT_OPTIONS = (
     "finetune_learning_rate",
     "warmup_epochs",
     "optimizer",
+    "checkpoint_dir",
+    "checkpoint_every",
 )
 
 
@@ -114,6 +116,14 @@ def _add_train(subparsers) -> None:
     fit.add_argument("--optimizer", default=None, help="adam, adamw, sgd, ...")
     fit.add_argument(
         "--train-batchnorm", action="store_true", help="Train BatchNorm gamma/beta in phase 2."
+    )
+    fit.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="Checkpoint within epochs here; run the same command again to resume after a kill.",
+    )
+    fit.add_argument(
+        "--checkpoint-every", type=int, default=None, help="Optimizer steps between checkpoints."
     )
     parser.add_argument(
         "--strategy", choices=_STRATEGIES, default="default", help="tf.distribute strategy."
@@ -318,6 +328,7 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     """Builds and fine-tunes one model; returns (model, history, metrics dict)."""
     import contextlib
     import logging
+    import os
 
     import keras_transfer as kt
     from keras_transfer import evaluation
@@ -351,6 +362,9 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     }
     if "unfreeze" in fit_kwargs:
         fit_kwargs["unfreeze"] = _unfreeze_value(fit_kwargs["unfreeze"])
+    if "checkpoint_dir" in fit_kwargs:  # --compare-scratch trains a second model: own folder
+        subfolder = "pretrained" if weights else "scratch"
+        fit_kwargs["checkpoint_dir"] = os.path.join(fit_kwargs["checkpoint_dir"], subfolder)
     epochs = sum(
         fit_kwargs.get(k, signature[k].default) for k in ("head_epochs", "finetune_epochs")
     )
