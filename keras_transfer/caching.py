@@ -422,7 +422,9 @@ def prepare(
     Returns:
         `[head phase]` for `cut_index=None`, else `[finetune phase, head phase]`.
     """
-    split = split_model(model, cut_index)
+    # Phase models belong to the strategy they are built under, like their variables.
+    with (strategy or model.distribute_strategy).scope():
+        split = split_model(model, cut_index)
     budget = [DEFAULT_CACHE_BUDGET_BYTES if budget_bytes is None else budget_bytes]
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     train_caches = build_caches(

@@ -194,7 +194,7 @@ def test_checkpoint_callback_runs_plainly(data, tmp_path):
 
 def test_not_a_single_tensor_cut_runs_plainly(data):
     x, y = data
-    _, history = fit(x, y, "auto", head_epochs=0, finetune_epochs=1, unfreeze="block_16_project")
+    _, history = fit(x, y, "auto", head_epochs=0, finetune_epochs=1, unfreeze="block_15_project")
     assert history.cached == {"head": None, "finetune": False}
 
 
@@ -237,7 +237,10 @@ def test_mixed_precision_dtypes_and_closeness(data, policy):
     np.testing.assert_allclose(
         history.history["loss"], ref_history.history["loss"], rtol=tolerance, atol=tolerance
     )
-    assert np.abs(predictions - reference.predict(x, verbose=0)).max() < 2 * tolerance
+    # Same weights, float32 versus mixed computation: the outputs stay close.
+    mixed.set_weights(reference.get_weights())
+    difference = np.abs(mixed.predict(x, verbose=0) - reference.predict(x, verbose=0)).max()
+    assert difference < tolerance
 
 
 def test_jit_compile(data):
