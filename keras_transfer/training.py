@@ -160,9 +160,9 @@ def fine_tune(
     train_data,
     validation_data=None,
     *,
-    head_epochs: int = 5,
-    finetune_epochs: int = 5,
-    unfreeze: int | float | str | Mapping = 2,
+    head_epochs: int = 30,
+    finetune_epochs: int = 30,
+    unfreeze: int | float | str | Mapping = 0.25,
     head_learning_rate: float = 1e-3,
     finetune_learning_rate: float = 1e-4,
     warmup_epochs: float = 1.0,
@@ -196,10 +196,14 @@ def fine_tune(
         train_data: A `tf.data.Dataset` of `(images, labels)` batches (see `kt.data`), or an
             `(x, y)` tuple of arrays.
         validation_data: Same forms as `train_data`, or None.
-        head_epochs: Epochs of phase 1 (0 skips it).
+        head_epochs: Epochs of phase 1 (0 skips it). The default fits the head to convergence
+            even on a few hundred images, so phase 1 alone matches a linear probe and phase 2
+            starts from a good head instead of wrecking features with large early gradients.
         finetune_epochs: Epochs of phase 2 (0 skips it).
         unfreeze: What trains in phase 2: an int (top blocks), a float (fraction of layers), a
-            layer name, `"all"`, or a dict of `kt.unfreeze` arguments.
+            layer name, `"all"`, or a dict of `kt.unfreeze` arguments. The default, the top
+            quarter of the weighted layers, is MobileNetV2's last resolution stage (blocks 13-16
+            and Conv_1) and works for backbones with few blocks too; see docs/benchmarks.md.
         head_learning_rate: Learning rate of phase 1.
         finetune_learning_rate: Peak learning rate of phase 2.
         warmup_epochs: Epochs of linear warm-up at the start of phase 2.
