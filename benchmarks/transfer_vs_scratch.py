@@ -233,15 +233,15 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 keras.backend.clear_session()
+                if args.json:  # after every run, so a cut-short run still leaves its numbers
+                    with open(args.json, "w") as f:
+                        json.dump(raw, f, indent=1)
     print()
     print(
         f"Fashion-MNIST, {args.test_size} test images, MobileNetV2 {IMAGE_SIZE} px, "
         f"seeds {args.seeds}: mean ± std accuracy (mean wall time per run)"
     )
     print(format_table(results, args.per_class, args.methods))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(raw, f, indent=1)
     return 0
 
 
