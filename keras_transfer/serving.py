@@ -270,7 +270,15 @@ class _Servable:
             raise _BadRequest(f"Missing input(s) {sorted(missing)} for signature {name!r}")
         if extra:
             raise _BadRequest(f"Unknown input(s) {sorted(extra)} for signature {name!r}")
-        tensors = {key: _to_tensor(feeds[key], definition.inputs[key].dtype, key) for key in keys}
+        try:
+            tensors = {
+                key: _to_tensor(feeds[key], definition.inputs[key].dtype, key) for key in keys
+            }
+        except (ValueError, TypeError, OverflowError) as error:
+            # Ragged nesting, values out of the dtype's range: the request's fault, not ours.
+            raise _BadRequest(
+                f"Input values do not form one tensor of the signature's dtype: {error}"
+            ) from None
         try:
             with self.lock:
                 outputs = self.loaded.signatures[name](**tensors)
