@@ -150,6 +150,9 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every = every
         self.seed = seed
+        # A kill during a write leaves only its temporary file; the checkpoint itself is whole.
+        for stale in self.directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
         found = read_checkpoint(self.directory)
         self.state, self._model_arrays, self._optimizer_arrays = found or (None, [], [])
         if self.state is not None:

@@ -84,8 +84,12 @@ def _kill_and_resume(tmp_path, seed, uninterrupted):
         steps, killed = _run(checkpoint_dir, output, kill_at=kill_at, sleep=0.05)
         assert killed, f"the run ended before step {kill_at}"
         seen.append(steps)
-        # Whatever the kill interrupted, the folder holds one whole checkpoint, no temporary.
-        assert [p.name for p in checkpoint_dir.iterdir()] == [checkpointing.CHECKPOINT_FILE]
+        # Whatever the kill interrupted, the folder holds one whole, readable checkpoint (and at
+        # most the temporary file of a write the kill cut short, removed on resume).
+        names = sorted(p.name for p in checkpoint_dir.iterdir())
+        assert checkpointing.CHECKPOINT_FILE in names
+        assert all(n.endswith(".tmp") for n in names if n != checkpointing.CHECKPOINT_FILE)
+        assert checkpointing.read_checkpoint(checkpoint_dir)[0]["phase"] == kill_at[0]
     steps, killed = _run(checkpoint_dir, output)
     assert not killed
     seen.append(steps)
@@ -97,6 +101,7 @@ def _kill_and_resume(tmp_path, seed, uninterrupted):
         same_phase_next = first == (last[0], last[1] + 1) or first == last
         next_phase = last[0] == "head" and first == ("finetune", 1)
         assert same_phase_next or next_phase, (before[-3:], after[:3])
+    assert [p.name for p in checkpoint_dir.iterdir()] == [checkpointing.CHECKPOINT_FILE]
     final = seen[-1]
     assert final[-1] == ("finetune", STEPS_PER_PHASE)  # total optimizer steps as uninterrupted
     weights, _ = _weights(output)
@@ -122,3 +127,34 @@ def test_checkpoint_arguments_are_checked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         checkpointing.check_arguments(tmp_path / "file", 10, 0)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous checkpoint whole and no temporary file."""
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    checkpointing.write_checkpoint(tmp_path, _state(model, batch=1), model, None)
+
+    def fail_half_way(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.np, "savez", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointing.write_checkpoint(tmp_path, _state(model, batch=2), model, None)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpointing.CHECKPOINT_FILE]
+    state, arrays, _ = checkpointing.read_checkpoint(tmp_path)
+    assert state["batch"] == 1
+    assert len(arrays) == len(model.variables)
+
+
+def _state(model, batch):
+    return {
+        "phase": "head",
+        "epoch": 0,
+        "batch": batch,
+        "done": False,
+        "model_variables": len(model.variables),
+        "optimizer_variables": 0,
+    }
