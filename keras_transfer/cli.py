@@ -404,6 +404,10 @@ def _run_train(args) -> int:
 
     if args.config:
         _apply_config(args, args._parser)
+    import warnings
+
+    # Keras warns that fit() ignores shuffle= for a tf.data input; kt.data shuffles already.
+    warnings.filterwarnings("ignore", message=".*shuffle=True. was passed")
     from keras_transfer import datasets
 
     builtin = args.data in datasets.DATASETS and not args.tfds
