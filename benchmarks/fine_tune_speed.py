@@ -129,7 +129,9 @@ def run_path(args) -> dict:
         base.trainable = False
         loss, metrics = "sparse_categorical_crossentropy", ["sparse_categorical_accuracy"]
         jit = args.jit_compile or "auto"
-        model.compile(keras.optimizers.Adam(HEAD_LR), loss, metrics, jit_compile=jit)
+        model.compile(
+            optimizer=keras.optimizers.Adam(HEAD_LR), loss=loss, metrics=metrics, jit_compile=jit
+        )
         model.fit(
             train, validation_data=test, epochs=args.head_epochs, verbose=0, callbacks=[timer]
         )
@@ -143,7 +145,9 @@ def run_path(args) -> dict:
                 op.trainable = not frozen
         steps = len(train)
         schedule = training.finetune_schedule(FINETUNE_LR, steps * args.finetune_epochs, steps)
-        model.compile(keras.optimizers.Adam(schedule), loss, metrics, jit_compile=jit)
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics, jit_compile=jit
+        )
         total = args.head_epochs + args.finetune_epochs
         model.fit(
             train,
