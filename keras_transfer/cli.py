@@ -466,6 +466,12 @@ def _run_train(args) -> int:
         print(f"{key} accuracy on {n} held-out images:")
         for text, accuracy in rows:
             print(f"  {text:<{width}}  {accuracy:.3f}")
+        if len(rows) > 1 and rows[1][1] <= 1.5 / len(names):
+            print(
+                "  (random init is at chance: a random backbone run in inference mode, on its "
+                "initial BatchNorm statistics, gives no usable features; docs/benchmarks.md "
+                "compares with a small CNN trained from scratch)"
+            )
     return 0
 
 
