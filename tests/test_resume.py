@@ -60,6 +60,20 @@ def _run(checkpoint_dir, output, kill_at=None, sleep=0.0):
     return steps, killed
 
 
+def _next_step(checkpoint_dir):
+    """The (phase, iteration) a restart must apply first, from what the kill left on disk."""
+    names = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.exists() else []
+    # At most the temporary file of a write the kill cut short besides the checkpoint.
+    assert all(n.endswith(".tmp") for n in names if n != checkpointing.CHECKPOINT_FILE), names
+    found = checkpointing.read_checkpoint(checkpoint_dir)
+    if found is None:  # killed before its first checkpoint: starts over
+        return ("head", 1)
+    state = found[0]
+    if state["phase"] == "head" and (state["done"] or state["iterations"] == STEPS_PER_PHASE):
+        return ("finetune", 1)
+    return (state["phase"], state["iterations"] + 1)
+
+
 def _weights(path):
     with np.load(path) as data:
         return [data[f"w{i}"] for i in range(len(data.files) - 1)], int(data["applied"])
@@ -79,28 +93,19 @@ def _kill_and_resume(tmp_path, seed, uninterrupted):
     rng = random.Random(seed)
     kills = [("head", rng.randint(1, STEPS_PER_PHASE - 1)), ("finetune", rng.randint(1, 9))]
     checkpoint_dir, output = tmp_path / "ckpt", tmp_path / "out.npz"
-    seen = []
+    seen, expected_next = [], []
     for kill_at in kills:
         steps, killed = _run(checkpoint_dir, output, kill_at=kill_at, sleep=0.05)
         assert killed, f"the run ended before step {kill_at}"
         seen.append(steps)
-        # Whatever the kill interrupted, the folder holds one whole, readable checkpoint (and at
-        # most the temporary file of a write the kill cut short, removed on resume).
-        names = sorted(p.name for p in checkpoint_dir.iterdir())
-        assert checkpointing.CHECKPOINT_FILE in names
-        assert all(n.endswith(".tmp") for n in names if n != checkpointing.CHECKPOINT_FILE)
-        assert checkpointing.read_checkpoint(checkpoint_dir)[0]["phase"] == kill_at[0]
+        expected_next.append(_next_step(checkpoint_dir))
     steps, killed = _run(checkpoint_dir, output)
     assert not killed
     seen.append(steps)
-    for before, after in zip(seen, seen[1:], strict=False):
-        # checkpoint_every=1: the restart continues right after the last step printed, or
-        # redoes only a step that was killed between its print and its checkpoint.
-        last = before[-1]
-        first = after[0]
-        same_phase_next = first == (last[0], last[1] + 1) or first == last
-        next_phase = last[0] == "head" and first == ("finetune", 1)
-        assert same_phase_next or next_phase, (before[-3:], after[:3])
+    # Each restart applies exactly the step after the last checkpointed one: none twice, none
+    # skipped (checkpoint_every=1; a step killed before its checkpoint was written is redone).
+    for steps, expected in zip(seen[1:], expected_next, strict=True):
+        assert steps[0] == expected, (steps[:3], expected)
     assert [p.name for p in checkpoint_dir.iterdir()] == [checkpointing.CHECKPOINT_FILE]
     final = seen[-1]
     assert final[-1] == ("finetune", STEPS_PER_PHASE)  # total optimizer steps as uninterrupted
