@@ -11,7 +11,8 @@ batches are `train_data` re-shuffled example by example with seed `(seed, e)`, s
 sees the same batches as an uninterrupted one and skips the ones already applied. `train_data`
 must therefore iterate in the same order each time (no `reshuffle_each_iteration` shuffle of its
 own; `kt.data.from_arrays(..., shuffle=False)`, or `(x, y)` arrays); a warning says so otherwise.
-The shuffle buffer holds at most `SHUFFLE_BUFFER` examples.
+The shuffle buffer holds at most `SHUFFLE_BUFFER` examples, and each phase counts the examples
+once (one pass over `train_data`) to know the epoch length.
 
 Each checkpoint is one `.npz` file written under a temporary name, flushed to disk and renamed
 over the previous one (`os.replace`), so a kill at any moment leaves the old or the new checkpoint,
@@ -150,6 +151,7 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every = every
         self.seed = seed
+        self.layout = None
         # A kill during a write leaves only its temporary file; the checkpoint itself is whole.
         for stale in self.directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -185,11 +187,22 @@ class Checkpointer:
             "batch": int(batch),
             "done": bool(done),
             "seed": self.seed,
+            "data": self.layout,
             "iterations": int(optimizer.iterations) if optimizer is not None else 0,
             "model_variables": len(model.variables),
             "optimizer_variables": len(optimizer.variables) if optimizer is not None else 0,
         }
         write_checkpoint(self.directory, state, model, optimizer)
+
+    def _check_same_data(self, examples: int, batch_size: int) -> None:
+        saved = (self.state.get("data"), self.state.get("seed"))
+        if saved != ([examples, batch_size], self.seed):
+            raise ValueError(
+                f"The checkpoint in {str(self.directory)!r} was written for [examples, batch size] "
+                f"{saved[0]} and checkpoint_seed={saved[1]}; this run has {[examples, batch_size]} "
+                f"and checkpoint_seed={self.seed}, so its batches would not line up. Resume with "
+                "the same data and arguments, or pass an empty `checkpoint_dir` to start over."
+            )
 
     def skips(self, model, phase: str) -> bool:
         """Whether `phase` finished in the checkpointed run (then its weights are loaded)."""
@@ -234,15 +247,17 @@ class Checkpointer:
         first_epoch, end = kwargs.pop("initial_epoch", 0), kwargs.pop("epochs")
         user_callbacks = list(kwargs.pop("callbacks", None) or [])
         epoch, batch = first_epoch, 0
+        _warn_if_reshuffling(train_data)
+        examples, batch_size, batches = self._measure(train_data)
+        self.layout = [examples, batch_size]
         if self.state is not None and self.state["phase"] == phase:
+            self._check_same_data(examples, batch_size)  # before anything is restored
             self._restore(model, optimizer=True)
             if self.state["done"]:
                 return _empty_history(model)
             epoch, batch = self.state["epoch"], self.state["batch"]
         elif self.state is not None and PHASES.index(self.state["phase"]) < PHASES.index(phase):
             self._restore(model, optimizer=False)
-        _warn_if_reshuffling(train_data)
-        examples, batch_size, batches = self._measure(train_data)
         if batch >= batches:
             epoch, batch = epoch + 1, 0
         callback = _CheckpointCallback(self, phase, batches)

@@ -8,6 +8,7 @@ each restart continues at the step after the last checkpoint (none applied twice
 and that the final weights match the uninterrupted run's.
 """
 
+import json
 import os
 import random
 import signal
@@ -163,3 +164,48 @@ def _state(model, batch):
         "model_variables": len(model.variables),
         "optimizer_variables": 0,
     }
+
+
+def _tiny_run(checkpoint_dir, **kwargs):
+    import keras_transfer as kt
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (12, 32, 32, 3)).astype("float32")
+    model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    kwargs = {"head_epochs": 1, "finetune_epochs": 1, "batch_size": 4, "verbose": 0, **kwargs}
+    history = kt.fine_tune(model, (x, np.arange(12) % 3), checkpoint_dir=checkpoint_dir, **kwargs)
+    return model, history
+
+
+def test_finished_run_resumes_to_nothing(tmp_path):
+    model, history = _tiny_run(tmp_path)
+    assert history.phases == {"head": (0, 1), "finetune": (1, 2)}
+    state = checkpointing.read_checkpoint(tmp_path)[0]
+    assert (state["phase"], state["done"], state["iterations"]) == ("finetune", True, 3)
+    again, history = _tiny_run(tmp_path)
+    assert history.epoch == []
+    for got, want in zip(again.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_resume_with_other_data_is_refused_before_restoring(tmp_path):
+    _tiny_run(tmp_path, finetune_epochs=0)
+    path = tmp_path / checkpointing.CHECKPOINT_FILE
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    state = json.loads(str(arrays["state"]))
+    arrays["state"] = np.array(json.dumps(dict(state, done=False, epoch=0, batch=1)))
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="would not line up"):
+        _tiny_run(tmp_path, finetune_epochs=0, batch_size=3)
+
+
+def test_reshuffling_dataset_gets_a_warning(caplog):
+    import keras_transfer as kt
+
+    x, y = np.zeros((8, 4, 4, 3)), np.arange(8) % 2
+    with caplog.at_level("WARNING", logger="keras_transfer.checkpointing"):
+        checkpointing._warn_if_reshuffling(kt.data.from_arrays(x, y, batch_size=4, shuffle=False))
+        assert not caplog.records
+        checkpointing._warn_if_reshuffling(kt.data.from_arrays(x, y, batch_size=4, shuffle=True))
+    assert "reshuffles on each iteration" in caplog.text
