@@ -272,6 +272,12 @@ def fine_tune(
     unfreeze_kwargs = _unfreeze_kwargs(unfreeze)
     caching.check_cache_arguments(cache, augment_views, cache_budget_bytes)
     checkpointing.check_arguments(checkpoint_dir, checkpoint_every, checkpoint_seed)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = checkpointing.Checkpointer(
+            checkpoint_dir, every=checkpoint_every, seed=checkpoint_seed
+        )
+        cache = checkpointer.cache_setting(cache)
     check_mixed_precision(model, mixed_precision)
     strategy = resolve_strategy(model, strategy)
     global_batch_size = batch_size * strategy.num_replicas_in_sync
@@ -284,12 +290,6 @@ def fine_tune(
     cut = freezing.plan_unfreeze(model, **unfreeze_kwargs) if finetune_epochs else None
     epochs = {"head": head_epochs, "finetune": finetune_epochs}
     freezing.freeze_backbone(model)
-    checkpointer = None
-    if checkpoint_dir is not None:
-        checkpointer = checkpointing.Checkpointer(
-            checkpoint_dir, every=checkpoint_every, seed=checkpoint_seed
-        )
-        cache = checkpointer.cache_setting(cache)
     cached = _cached_phases(
         model,
         train_data,

@@ -420,6 +420,11 @@ def _files(root: Path) -> dict[str, bytes | None]:
     }
 
 
+def _trainable_flags(model: keras.Model) -> list[bool]:
+    backbone = kt.find_backbone(model)
+    return [layer.trainable for layer in (*model.layers, *backbone.layers)]
+
+
 def test_catalogue_has_at_least_25_cases():
     assert len(CASES) >= 25
     assert len({case.id for case in CASES}) == len(CASES)
@@ -430,8 +435,11 @@ def test_bad_input_fails_fast_and_clearly(case, tmp_path, monkeypatch):
     ctx = Context(tmp_path, monkeypatch)
     if case.setup is not None:
         case.setup(ctx)
+    if {"model", "fine_tune"} & set(case.call.__code__.co_names):
+        ctx.model  # noqa: B018 - built before the call, so the call's effect on it shows
     before_files = _files(tmp_path)
     before_weights = weights_of(ctx._model) if ctx._model is not None else None
+    before_trainable = _trainable_flags(ctx._model) if ctx._model is not None else None
     with pytest.raises(case.error) as raised:
         case.call(ctx)
     message = str(raised.value)
@@ -443,6 +451,7 @@ def test_bad_input_fails_fast_and_clearly(case, tmp_path, monkeypatch):
         assert not ctx.model.compiled, "the model was compiled: training had started"
         if before_weights is not None:
             assert same_weights(weights_of(ctx.model), before_weights)
+            assert _trainable_flags(ctx.model) == before_trainable, "layers were (un)frozen"
 
 
 def test_uncompiled_model_exports(tmp_path):
