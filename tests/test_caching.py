@@ -50,6 +50,7 @@ def data():
 
 def fit(x, y, cache, head_epochs=2, finetune_epochs=2, **kwargs):
     model = make_model(x, **kwargs.pop("build", {}))
+    kwargs.setdefault("unfreeze", 2)
     train = kt.data.from_arrays(x, y, batch_size=16, shuffle=False)
     history = kt.fine_tune(
         model,
@@ -107,7 +108,9 @@ def test_phase2_trains_full_model_top_only(data):
     bottom = backbone.get_layer("block_14_project")
     top = backbone.get_layer("Conv_1")
     bottom_before, top_before = bottom.get_weights()[0].copy(), top.get_weights()[0].copy()
-    history = kt.fine_tune(model, (x, y), head_epochs=1, finetune_epochs=2, cache=True, verbose=0)
+    history = kt.fine_tune(
+        model, (x, y), head_epochs=1, finetune_epochs=2, unfreeze=2, cache=True, verbose=0
+    )
     assert history.cached["finetune"] == "block_15_add"
     assert np.array_equal(bottom.get_weights()[0], bottom_before)
     assert not np.array_equal(top.get_weights()[0], top_before)

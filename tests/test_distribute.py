@@ -48,7 +48,7 @@ WORKER = textwrap.dedent(
                 "mobilenet_v2", 2, image_size=32, weights=None, alpha=0.35
             )
         history = kt.fine_tune(
-            model, (x, y), (x, y), head_epochs=1, finetune_epochs=1, batch_size=4,
+            model, (x, y), (x, y), head_epochs=1, finetune_epochs=1, unfreeze=2, batch_size=4,
             strategy=strategy, cache=cache, verbose=0,
         )
         steps = history.params["steps"]
