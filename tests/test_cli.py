@@ -117,3 +117,22 @@ def test_predict_rejects_a_file_that_is_not_an_image(trained, tmp_path, capsys):
     bogus.write_text("not an image")
     assert cli.main(["predict", str(trained), str(bogus)]) == 2
     assert "not an image" in capsys.readouterr().err
+
+
+def test_multi_worker_strategy_without_cluster_exits_2(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    argv = ["train", str(image_folder), *TINY, "--image-size", "32", "--batch-size", "4"]
+    argv += ["--strategy", "multi_worker", "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "multi_worker" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_train_under_mirrored_strategy(image_folder, tmp_path):
+    argv = ["train", str(image_folder), *TINY, "--image-size", "32", "--batch-size", "4"]
+    argv += ["--head-epochs", "1", "--finetune-epochs", "1", "--strategy", "mirrored"]
+    argv += ["--output-dir", str(tmp_path), "--name", "mirrored", "--quiet"]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "mirrored" / "model.keras").is_file()
