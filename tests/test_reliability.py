@@ -454,6 +454,7 @@ def test_bad_input_fails_fast_and_clearly(case, tmp_path, monkeypatch):
             assert _trainable_flags(ctx.model) == before_trainable, "layers were (un)frozen"
 
 
+@pytest.mark.slow
 def test_uncompiled_model_exports(tmp_path):
     """Exporting an uncompiled model is allowed: serving needs neither optimizer nor loss."""
     model = kt.build_classifier("mobilenet_v2", 3, **TINY)
