@@ -3,10 +3,12 @@
 The graph is always: raw pixels in [0, 255] -> optional augmentation (active only in training) ->
 the backbone's own preprocessing -> backbone called with `training=False` -> pooling -> head.
 Keras 3 passes the outer `training` flag on to nested models, overriding `training=False`, so the
-builders also freeze every BatchNormalization layer of the backbone: a frozen Keras 3 BatchNorm
-always runs in inference mode, and its moving statistics never change, whatever is unfrozen
-later. Everything is a built-in Keras layer or a registered keras_transfer layer, so `.keras`
-files reload without `custom_objects` and SavedModel exports carry the preprocessing.
+builders make inference mode hold by construction: every BatchNormalization layer of the backbone
+is frozen (a frozen Keras 3 BatchNorm always normalises with its moving statistics, which then
+never change, whatever is unfrozen later), and the backbone's own Dropout layers (EfficientNet's
+stochastic depth) get rate 0, which is what they compute in inference mode. Everything is a
+built-in Keras layer or a registered keras_transfer layer, so `.keras` files reload without
+`custom_objects` and SavedModel exports carry the preprocessing.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def _backbone_features(
             f"{backbone_kwargs or 'default arguments'}: {error}. Pass the weights file saved from "
             "the same architecture and width, or weights=None."
         ) from error
-    freeze_batchnorm(base)
+    _inference_mode_only(base)
     x = base(x, training=False)
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
@@ -191,6 +193,14 @@ def _backbone_features(
     else:
         x = keras.layers.Flatten(name="pooling")(x)
     return inputs, x, spec
+
+
+def _inference_mode_only(backbone: keras.Model) -> None:
+    """Makes the backbone compute its inference-mode function even when `fit` says training."""
+    freeze_batchnorm(backbone)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
 
 
 def _head(x, units: int, activation: str | None, hidden_units: Sequence[int], dropout: float):

@@ -124,3 +124,14 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
     kwargs.setdefault("weights", None)
     with pytest.raises(ValueError, match=match):
         kt.build_classifier(**kwargs)
+
+
+def test_backbone_dropout_is_inert_in_training_mode():
+    """Keras 3 overrides the nested `training=False`: stochastic depth must not fire anyway."""
+    model = kt.build_classifier("efficientnet_b0", 2, image_size=32, weights=None, dropout=0.0)
+    dropouts = [
+        layer for layer in kt.find_backbone(model).layers if isinstance(layer, keras.layers.Dropout)
+    ]
+    assert dropouts and all(layer.rate == 0.0 for layer in dropouts)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=True), model(x, training=False), rtol=1e-5)
