@@ -11,7 +11,16 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from keras_transfer import data, datasets, serving, weights  # noqa: E402
+from keras_transfer import (  # noqa: E402
+    caching,
+    checkpointing,
+    data,
+    datasets,
+    distribute,
+    evaluation,
+    serving,
+    weights,
+)
 from keras_transfer.backbones import (  # noqa: E402
     REGISTRY,
     Backbone,
@@ -21,6 +30,8 @@ from keras_transfer.backbones import (  # noqa: E402
     unfreeze_points,
 )
 from keras_transfer.builders import build_classifier, build_regressor  # noqa: E402
+from keras_transfer.distribute import make_strategy  # noqa: E402
+from keras_transfer.evaluation import evaluate  # noqa: E402
 from keras_transfer.export import (  # noqa: E402
     VerificationError,
     export_for_serving,
@@ -44,8 +55,14 @@ __all__ = [
     "BackbonePreprocessing",
     "build_classifier",
     "build_regressor",
+    "caching",
+    "checkpointing",
     "data",
     "datasets",
+    "distribute",
+    "evaluate",
+    "evaluation",
+    "make_strategy",
     "export_for_serving",
     "serving",
     "VerificationError",
