@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from keras_transfer import caching, checkpointing, freezing
+from keras_transfer import _compat, caching, checkpointing, freezing
 from keras_transfer.builders import OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
@@ -425,7 +425,8 @@ def _fit_phase(
     if cached:
         train_data, validation_data = cached.train_data, cached.validation_data
     # fit inside the scope too: optimizers create their slot variables on the first step.
-    with strategy.scope():
+    # multi_worker_fit works around Keras' MultiWorkerMirroredStrategy bugs (see _compat).
+    with strategy.scope(), _compat.multi_worker_fit(fit_model, strategy, train_data):
         if checkpoint[0] is not None:
             return checkpoint[0].fit(
                 fit_model, checkpoint[1], train_data, validation_data, fit_kwargs
