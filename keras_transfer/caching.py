@@ -21,6 +21,7 @@ runs plainly, and the log says why.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -58,12 +59,14 @@ class FeatureCache:
         num_examples: Number of examples.
         nbytes: Bytes the activations take.
         path: Folder of the `tf.data.Dataset.save` files when spilled to disk, else None.
+        batch_size: Size of the source dataset's first batch, or None if unknown.
     """
 
     dataset: tf.data.Dataset
     num_examples: int
     nbytes: int
     path: str | None = None
+    batch_size: int | None = None
 
     @property
     def on_disk(self) -> bool:
@@ -238,13 +241,18 @@ def _shuffles(dataset: tf.data.Dataset) -> bool:
 
 
 def _extract_fn(model: keras.Model, split: _Split, augment: bool, jit_compile: bool):
+    """One traced forward function for the frozen prefix, shared by every dataset it caches.
+
+    The function is traced once per image dtype and shape with the batch dimension left open, so
+    the last, partial batch and the validation data reuse the training data's trace instead of
+    tracing (and graph-optimizing) the whole prefix again.
+    """
     augmentation = augmentation_layer(model)
     # Explicit `training` on each part: augmentation active only when caching augmented views,
     # and the frozen prefix always in inference mode.
     if augmentation is not None:
         augment_model = keras.Model(model.inputs[0], split.start)
 
-    @tf.function(jit_compile=bool(jit_compile), reduce_retracing=True)
     def extract(images):
         x = images
         if augmentation is not None:
@@ -253,7 +261,18 @@ def _extract_fn(model: keras.Model, split: _Split, augment: bool, jit_compile: b
             tf.convert_to_tensor(t) for t in tf.nest.flatten(split.extractor(x, training=False))
         ]
 
-    return extract
+    traced = tf.function(extract, jit_compile=bool(jit_compile), autograph=False)
+    concrete = {}
+
+    def call(images):
+        images = tf.convert_to_tensor(images)
+        key = (images.dtype, tuple(images.shape[1:]))
+        if key not in concrete:
+            spec = tf.TensorSpec((None, *images.shape[1:]), images.dtype)
+            concrete[key] = traced.get_concrete_function(spec)
+        return concrete[key](images)
+
+    return call
 
 
 def _views(extract_plain, extract_augmented, images, augment_views):
@@ -277,6 +296,21 @@ def _count_examples(dataset: tf.data.Dataset) -> int:
     )
 
 
+def _extractors(model: keras.Model, split: _Split, augment_views, jit_compile: bool):
+    """The plain and (with `augment_views`) augmenting forward functions of the prefix."""
+    plain = _extract_fn(model, split, False, jit_compile)
+    return plain, (_extract_fn(model, split, True, jit_compile) if augment_views else None)
+
+
+def _first_batch(dataset: tf.data.Dataset):
+    """`(iterator, first element)` of `dataset`, or `(None, None)` when it is empty."""
+    iterator = iter(dataset)
+    try:
+        return iterator, next(iterator)
+    except StopIteration:
+        return None, None
+
+
 def build_caches(
     model: keras.Model,
     split: _Split,
@@ -288,30 +322,35 @@ def build_caches(
     jit_compile: bool = False,
     strategy: tf.distribute.Strategy | None = None,
     name: str = "train",
+    extractors=None,
 ) -> list[FeatureCache]:
     """Runs the frozen prefix once over `dataset`; returns one cache per tap.
 
     Taps stay in memory, in order, while `budget[0]` (bytes left, decremented here) allows; the
     others stream to `tf.data.Dataset.save` files under `cache_dir` during the same pass, so
-    memory never holds more activations than the budget.
+    memory never holds more activations than the budget. When an upper bound on the number of
+    examples (first batch size times number of batches) already fits the budget, every tap stays
+    in memory and no counting pass over the data runs first.
+
+    `extractors` (from `_extractors`) lets several datasets share one traced forward function.
     """
-    extract_plain = _extract_fn(model, split, False, jit_compile)
-    extract_augmented = _extract_fn(model, split, True, jit_compile) if augment_views else None
-    n = _count_examples(dataset)
-    if n == 0:
-        raise ValueError(f"The {name} data is empty: nothing to cache.")
+    extract_plain, extract_augmented = extractors or _extractors(
+        model, split, augment_views, jit_compile
+    )
     per_example = _example_bytes(split, augment_views)
-    in_memory = []
-    for size in per_example:
-        in_memory.append(n * size <= budget[0])
-        if in_memory[-1]:
-            budget[0] -= n * size
-    spilled = [i for i, keep in enumerate(in_memory) if not keep]
+    iterator, first = _first_batch(dataset)
+    if first is None:
+        raise ValueError(f"The {name} data is empty: nothing to cache.")
+    first_size = int(tf.shape(first[0])[0])
+    batches_known = int(dataset.cardinality())
+    bound = first_size * batches_known if batches_known > 0 else None
+    all_fit = bound is not None and bound * sum(per_example) <= budget[0]
     stores: list[list[np.ndarray]] = [[] for _ in per_example]
     targets: list[tuple[np.ndarray, ...]] = []
+    in_memory = [True] * len(per_example)
 
-    def batches():
-        for element in dataset:
+    def batches(elements):
+        for element in elements:
             activations = _views(extract_plain, extract_augmented, element[0], augment_views)
             rest = tuple(np.asarray(r) for r in element[1:])
             targets.append(rest)
@@ -320,26 +359,47 @@ def build_caches(
                     stores[i].append(activations[i])
             yield (*(activations[i] for i in spilled), *rest)
 
-    path = None
-    if spilled:
-        root = cache_dir or tempfile.mkdtemp(prefix="keras_transfer_cache_")
-        worker = distribute.worker_id(strategy)
-        path = os.path.join(root, f"{name}_w{worker}_{uuid.uuid4().hex[:8]}")
-        os.makedirs(root, exist_ok=True)
-        spec = dataset.element_spec
-        signature = tuple(
-            tf.TensorSpec(
-                (None, *((augment_views,) if augment_views else ()), *t.shape[1:]),
-                tf.as_dtype(keras.backend.standardize_dtype(t.dtype)),
-            )
-            for t in (split.extractor.outputs[i] for i in spilled)
-        ) + tuple(tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in spec[1:])
-        generated = tf.data.Dataset.from_generator(batches, output_signature=signature)
-        generated.unbatch().save(path)
-        saved = tf.data.Dataset.load(path)
-    else:
-        for _ in batches():
+    spilled: list[int] = []
+    n = None
+    if all_fit:
+        for _ in batches(itertools.chain([first], iterator)):
             pass
+        n = sum(len(t[0]) for t in targets)
+        if n * sum(per_example) > budget[0]:  # a later batch outgrew the first: redo exactly
+            stores, targets, n = [[] for _ in per_example], [], None
+        else:
+            budget[0] -= n * sum(per_example)
+    del iterator, first
+    path = None
+    if n is None:
+        n = _count_examples(dataset)
+        in_memory = []
+        for size in per_example:
+            in_memory.append(n * size <= budget[0])
+            if in_memory[-1]:
+                budget[0] -= n * size
+        spilled = [i for i, keep in enumerate(in_memory) if not keep]
+        if spilled:
+            root = cache_dir or tempfile.mkdtemp(prefix="keras_transfer_cache_")
+            worker = distribute.worker_id(strategy)
+            path = os.path.join(root, f"{name}_w{worker}_{uuid.uuid4().hex[:8]}")
+            os.makedirs(root, exist_ok=True)
+            spec = dataset.element_spec
+            signature = tuple(
+                tf.TensorSpec(
+                    (None, *((augment_views,) if augment_views else ()), *t.shape[1:]),
+                    tf.as_dtype(keras.backend.standardize_dtype(t.dtype)),
+                )
+                for t in (split.extractor.outputs[i] for i in spilled)
+            ) + tuple(tf.TensorSpec((None, *s.shape[1:]), s.dtype) for s in spec[1:])
+            generated = tf.data.Dataset.from_generator(
+                lambda: batches(dataset), output_signature=signature
+            )
+            generated.unbatch().save(path)
+            saved = tf.data.Dataset.load(path)
+        else:
+            for _ in batches(dataset):
+                pass
     target_arrays = tuple(np.concatenate(parts) for parts in zip(*targets, strict=True))
     caches = []
     for i, size in enumerate(per_example):
@@ -347,11 +407,11 @@ def build_caches(
             array = np.concatenate(stores[i])
             stores[i] = []
             ds = tf.data.Dataset.from_tensor_slices((array, *target_arrays))
-            caches.append(FeatureCache(ds, n, n * size))
+            caches.append(FeatureCache(ds, n, n * size, batch_size=first_size))
         else:
             k, m = spilled.index(i), len(spilled)
             ds = saved.map(lambda *e, k=k, m=m: (e[k], *e[m:]))
-            caches.append(FeatureCache(ds, n, n * size, path=path))
+            caches.append(FeatureCache(ds, n, n * size, path=path, batch_size=first_size))
     for cache, cut in zip(caches, split.cuts, strict=True):
         where = f"on disk in {cache.path}" if cache.on_disk else "in memory"
         logger.info(
@@ -427,6 +487,8 @@ def prepare(
         split = split_model(model, cut_index)
     budget = [DEFAULT_CACHE_BUDGET_BYTES if budget_bytes is None else budget_bytes]
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+    # One traced forward function serves the training and the validation data.
+    plain, augmented = _extractors(model, split, augment_views, jit_compile)
     train_caches = build_caches(
         model,
         split,
@@ -437,6 +499,7 @@ def prepare(
         jit_compile=jit_compile,
         strategy=strategy,
         name="train",
+        extractors=(plain, augmented),
     )
     val_caches = [None] * len(train_caches)
     if validation_data is not None:
@@ -450,8 +513,9 @@ def prepare(
             jit_compile=jit_compile,
             strategy=strategy,
             name="validation",
+            extractors=(plain, None),
         )
-    batch_size = _batch_size(train_data)
+    batch_size = train_caches[0].batch_size or _batch_size(train_data)
     shuffle = _shuffles(train_data)
     phases = []
     for phase_model, cut, train_cache, val_cache in zip(
@@ -471,7 +535,7 @@ def prepare(
         if val_cache is not None:
             val = batch_cache(
                 val_cache,
-                batch_size=_batch_size(validation_data),
+                batch_size=val_cache.batch_size or _batch_size(validation_data),
                 shuffle=False,
                 augment_views=None,
             )
