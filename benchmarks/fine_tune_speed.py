@@ -17,6 +17,7 @@ RSS is its own. Uses imported ImageNet weights when `keras-transfer weights fetc
 weights otherwise (timings are the same; accuracies are then low).
 
     python benchmarks/fine_tune_speed.py --image-size 96
+    python benchmarks/fine_tune_speed.py --image-size 96 --seeds 0 1 2  # mean +- std over seeds
     python benchmarks/fine_tune_speed.py --image-size 160 --head-epochs 5 --finetune-epochs 5
     python benchmarks/fine_tune_speed.py --mixed-precision mixed_float16 --jit-compile  # on a GPU
 """
@@ -91,10 +92,10 @@ def run_path(args) -> dict:
     import keras_transfer as kt
     from keras_transfer import training
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(args.seed)
     (x, y), (x_test, y_test) = load_data(args.image_size)
     weights = weights_for(args.image_size, args.alpha)
-    train = kt.data.from_arrays(x, y, batch_size=BATCH_SIZE, seed=0)
+    train = kt.data.from_arrays(x, y, batch_size=BATCH_SIZE, seed=args.seed)
     test = kt.data.from_arrays(x_test, y_test, batch_size=BATCH_SIZE, shuffle=False)
     model = kt.build_classifier(
         "mobilenet_v2",
@@ -163,6 +164,7 @@ def run_path(args) -> dict:
     images = TRAIN_IMAGES * (args.head_epochs + args.finetune_epochs)
     return {
         "path": args.path,
+        "seed": args.seed,
         "weights": weights or "random",
         "head_s": timer.times[0],
         "finetune_s": timer.times[1],
@@ -176,6 +178,21 @@ def run_path(args) -> dict:
     }
 
 
+def _row(name, r):
+    return (
+        f"{name:<14}{r['cache_s']:>9.1f}{r['head_s']:>9.1f}{r['finetune_s']:>12.1f}"
+        f"{r['total_s']:>9.1f}{r['images_per_s']:>8.0f}{r['accuracy']:>10.3f}"
+        f"{r['peak_rss_mb']:>13.0f}"
+    )
+
+
+def _mean_std(values):
+    import statistics
+
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=96)
@@ -184,27 +201,45 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--mixed-precision", choices=["mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--jit-compile", action="store_true")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="Training seeds (weight init, data order, dropout); each runs both paths. "
+        "With several, prints mean +- std over them.",
+    )
     parser.add_argument("--path", choices=["guide", "kt"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
     if args.path:
         print("RESULT " + json.dumps(run_path(args)), flush=True)
         return
 
-    results = {}
-    for path in ("guide", "kt"):
-        command = [sys.executable, __file__, *(argv or sys.argv[1:]), "--path", path]
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            sys.exit(f"{path} failed:\n{done.stderr[-4000:]}")
-        results[path] = json.loads(lines[-1][len("RESULT ") :])
-    guide, kt_ = results["guide"], results["kt"]
+    passed = list(argv if argv is not None else sys.argv[1:])
+    if "--seeds" in passed:  # the children get one --seed each
+        i = passed.index("--seeds") + 1
+        while i < len(passed) and not passed[i].startswith("--"):
+            i += 1
+        passed = passed[: passed.index("--seeds")] + passed[i:]
+    runs = []
+    for seed in args.seeds:
+        results = {}
+        for path in ("guide", "kt"):
+            command = [sys.executable, __file__, *passed, "--path", path, "--seed", str(seed)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                sys.exit(f"{path} (seed {seed}) failed:\n{done.stderr[-4000:]}")
+            results[path] = json.loads(lines[-1][len("RESULT ") :])
+        runs.append(results)
+    guide = runs[0]["guide"]
     extras = ", ".join(filter(None, [args.mixed_precision, "XLA" if args.jit_compile else ""]))
     print(
         f"\nMobileNetV2 alpha={args.alpha} ({guide['weights']} weights), {args.image_size} px, "
         f"{TRAIN_IMAGES} Fashion-MNIST train images, {args.head_epochs}+{args.finetune_epochs} "
-        f"epochs, batch {BATCH_SIZE}, top {UNFREEZE_BLOCKS} blocks unfrozen"
+        f"epochs, batch {BATCH_SIZE}, top {UNFREEZE_BLOCKS} blocks unfrozen, seeds {args.seeds}"
         + (f", {extras}" if extras else "")
     )
     header = (
@@ -213,22 +248,36 @@ def main(argv=None):
     )
     print(header)
     print("-" * len(header))
-    for name, r in (("keras guide", guide), ("kt.fine_tune", kt_)):
+    for seed, results in zip(args.seeds, runs, strict=True):
+        for name, r in (("keras guide", results["guide"]), ("kt.fine_tune", results["kt"])):
+            label = f"{name} s{seed}" if len(args.seeds) > 1 else name
+            print(_row(label, r))
+        guide, kt_ = results["guide"], results["kt"]
+        head_ratio = guide["head_s"] / (kt_["head_s"] + kt_["cache_s"])
         print(
-            f"{name:<14}{r['cache_s']:>9.1f}{r['head_s']:>9.1f}{r['finetune_s']:>12.1f}"
-            f"{r['total_s']:>9.1f}{r['images_per_s']:>8.0f}{r['accuracy']:>10.3f}"
-            f"{r['peak_rss_mb']:>13.0f}"
+            f"  seed {seed}: speed-up guide/kt: head phase (incl. caching pass) {head_ratio:.1f}x, "
+            f"fine-tune phase {guide['finetune_s'] / kt_['finetune_s']:.1f}x, whole run "
+            f"{guide['total_s'] / kt_['total_s']:.1f}x; accuracy kt - guide "
+            f"{100 * (kt_['accuracy'] - guide['accuracy']):+.1f} points; kt path {kt_['cached']}"
         )
-    head_ratio = guide["head_s"] / (kt_["head_s"] + kt_["cache_s"])
+    ratios = [r["guide"]["total_s"] / r["kt"]["total_s"] for r in runs]
+    gaps = [100 * (r["kt"]["accuracy"] - r["guide"]["accuracy"]) for r in runs]
+    print(f"over {len(runs)} seed(s), mean +- std:")
+    for name, key in (("keras guide", "guide"), ("kt.fine_tune", "kt")):
+        total = _mean_std([r[key]["total_s"] for r in runs])
+        acc = _mean_std([r[key]["accuracy"] for r in runs])
+        print(
+            f"  {name:<13} total {total[0]:.1f} +- {total[1]:.1f} s, "
+            f"test acc {acc[0]:.3f} +- {acc[1]:.3f}"
+        )
+    (ratio, ratio_std), (gap, gap_std) = _mean_std(ratios), _mean_std(gaps)
     print(
-        f"speed-up guide/kt: head phase (incl. caching pass) {head_ratio:.1f}x, fine-tune phase "
-        f"{guide['finetune_s'] / kt_['finetune_s']:.1f}x, whole run "
-        f"{guide['total_s'] / kt_['total_s']:.1f}x; accuracy kt - guide "
-        f"{100 * (kt_['accuracy'] - guide['accuracy']):+.1f} points; kt path {kt_['cached']}"
+        f"  whole run speed-up {ratio:.1f}x +- {ratio_std:.1f}; "
+        f"accuracy kt - guide {gap:+.1f} +- {gap_std:.1f} points"
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":
