@@ -345,6 +345,9 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     strategy = _make_strategy(args.strategy)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     _banner(f"Building {args.backbone} ({weights or 'random init'}) at {image_size} px")
+    import keras
+
+    keras.utils.set_random_seed(args.seed)  # same --seed, same run (up to CPU/GPU nondeterminism)
     with scope:
         model = kt.build_classifier(
             args.backbone,
