@@ -9,7 +9,7 @@ Side by side, on the same few-shot training subsets and the same held-out test i
   (c) a linear probe: logistic regression (scikit-learn defaults) on frozen pooled features;
   (d) a small CNN trained from scratch on the 28 px images.
 
-Run (about 25 minutes on 2 CPU cores for the full table):
+Run (the full table: roughly an hour on 2 shared CPU cores; docs/benchmarks.md has results):
 
     python benchmarks/transfer_vs_scratch.py                       # 10/20/50 per class, 3 seeds
     python benchmarks/transfer_vs_scratch.py --per-class 10 --seeds 0 --methods a c
