@@ -251,3 +251,43 @@ def test_jit_compile(data):
     _, history = fit(x, y, True, head_epochs=1, finetune_epochs=1, jit_compile=True)
     assert history.cached == {"head": True, "finetune": "block_15_add"}
     assert np.isfinite(history.history["loss"]).all()
+
+
+def test_one_pass_one_trace(data, monkeypatch):
+    """The caching pass traces the prefix once for train and validation data (the partial last
+    batch included) and, when the caches fit the budget, does not count the examples first."""
+    x, y = data
+    model = make_model(x)
+    freezing.freeze_backbone(model)
+    train = kt.data.from_arrays(x, y, batch_size=16, seed=0)
+    val = kt.data.from_arrays(x[:40], y[:40], batch_size=16, shuffle=False)  # 16, 16, 8
+    cut = freezing.plan_unfreeze(model, blocks=2)
+
+    def no_count(dataset):
+        raise AssertionError("counted the examples in a separate pass")
+
+    monkeypatch.setattr(caching, "_count_examples", no_count)
+    traces = []
+    real_extractor = caching._Split.__init__
+
+    def counting_init(self, start, extractor, *args, **kwargs):
+        real_call = extractor.call
+
+        def call(*a, **k):
+            traces.append(1)
+            return real_call(*a, **k)
+
+        extractor.call = call
+        real_extractor(self, start, extractor, *args, **kwargs)
+
+    monkeypatch.setattr(caching._Split, "__init__", counting_init)
+    phases = caching.prepare(model, train, val, cut_index=cut)
+    assert len(traces) == 1
+    assert [c.num_examples for c in phases[0].caches] == [48, 40]
+    assert [int(b[0].shape[0]) for b in phases[1].validation_data] == [16, 16, 8]
+    # A budget too small for the upper bound falls back to counting, with the same result.
+    monkeypatch.setattr(caching, "_count_examples", lambda d: 48)
+    spilled = caching.prepare(model, train, None, cut_index=cut, budget_bytes=1)
+    assert all(c.on_disk for p in spilled for c in p.caches)
+    for phase in spilled:
+        phase.close()
