@@ -12,6 +12,10 @@ cluster and this machine's task, e.g. on worker 0 of two
 
 and `"index": 1` on the other. Every worker must see the same data; worker 0 (the chief) writes the
 model.
+
+Keras 3 (checked up to 3.15) cannot `Model.fit` under `"multi_worker"` on its own
+(keras-team/keras#20585); `kt.fine_tune` applies a workaround, `keras_transfer._compat`, so call
+`fine_tune` rather than `model.fit` there.
 """
 
 from __future__ import annotations
