@@ -89,13 +89,13 @@ def _unfreeze_kwargs(spec) -> dict:
     )
 
 
-def _as_dataset(data, batch_size: int):
+def _as_dataset(data, batch_size: int, shuffle: bool = False):
     if isinstance(data, tf.data.Dataset) or data is None:
         return data
     if isinstance(data, tuple) and len(data) == 2:
         from keras_transfer.data import from_arrays
 
-        return from_arrays(data[0], data[1], batch_size=batch_size, shuffle=False)
+        return from_arrays(data[0], data[1], batch_size=batch_size, shuffle=shuffle)
     raise TypeError(
         "Data must be a tf.data.Dataset of (images, labels) batches (see kt.data) or an "
         f"(x, y) tuple of arrays. Received: {type(data).__name__}"
@@ -194,7 +194,7 @@ def fine_tune(
     Args:
         model: A model from `kt.build_classifier` / `kt.build_regressor`.
         train_data: A `tf.data.Dataset` of `(images, labels)` batches (see `kt.data`), or an
-            `(x, y)` tuple of arrays.
+            `(x, y)` tuple of arrays (reshuffled every epoch).
         validation_data: Same forms as `train_data`, or None.
         head_epochs: Epochs of phase 1 (0 skips it). The default fits the head to convergence
             even on a few hundred images, so phase 1 alone matches a linear probe and phase 2
@@ -281,7 +281,9 @@ def fine_tune(
     check_mixed_precision(model, mixed_precision)
     strategy = resolve_strategy(model, strategy)
     global_batch_size = batch_size * strategy.num_replicas_in_sync
-    train_data = _as_dataset(train_data, global_batch_size)
+    # Arrays are reshuffled every epoch, as `model.fit(x, y)` does; with checkpointing on, the
+    # checkpointing module shuffles by (seed, epoch) itself and needs a fixed source order.
+    train_data = _as_dataset(train_data, global_batch_size, shuffle=checkpoint_dir is None)
     validation_data = _as_dataset(validation_data, global_batch_size)
     if loss is None:
         loss, default_metrics = default_loss_and_metrics(model, train_data.element_spec[1])
