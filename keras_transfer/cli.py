@@ -695,7 +695,10 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--version", type=int, default=None, help="Default: next version.")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", help="Comma-separated class labels, in output order.")
-    labels.add_argument("--labels-file", help="A text file with one label per line.")
+    labels.add_argument(
+        "--labels-file",
+        help="A text file with one label per line (default: labels.txt beside the model, if any).",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="Classes in the top_k outputs.")
     parser.add_argument(
         "--format",
@@ -724,6 +727,12 @@ def _read_labels(args) -> list[str] | None:
         if not path.is_file():
             raise CLIError(f"--labels-file {args.labels_file!r} does not exist.")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    # `keras-transfer train` writes labels.txt beside model.keras: use it when it is there.
+    from pathlib import Path
+
+    beside = Path(args.model).parent / "labels.txt"
+    if beside.is_file():
+        return [line.strip() for line in beside.read_text().splitlines() if line.strip()]
     return None
 
 
@@ -735,13 +744,8 @@ def _run_export(args) -> int:
     labels = _read_labels(args)
     import keras
 
-    import keras_transfer  # noqa: F401  (registers custom layers)
-    from keras_transfer import export
+    from keras_transfer import export  # importing keras_transfer registers its layers
 
-    try:
-        import keras_transfer.layers  # noqa: F401
-    except ImportError:
-        pass
     model = keras.models.load_model(args.model)
     options = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
     path = export.export_for_serving(

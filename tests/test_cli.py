@@ -136,3 +136,12 @@ def test_train_under_mirrored_strategy(image_folder, tmp_path):
     argv += ["--output-dir", str(tmp_path), "--name", "mirrored", "--quiet"]
     assert cli.main(argv) == 0
     assert (tmp_path / "mirrored" / "model.keras").is_file()
+
+
+def test_export_reads_labels_txt_beside_the_model(trained, tmp_path):
+    argv = ["export", str(trained / "model.keras"), str(tmp_path / "tiny"), "--no-verify"]
+    assert cli.main(argv) == 0
+    metadata = json.loads(
+        (tmp_path / "tiny" / "1" / "assets.extra" / "keras_transfer.json").read_text()
+    )
+    assert metadata["labels"] == ["blue", "red"]
