@@ -307,7 +307,10 @@ def fine_tune(
         strategy=strategy,
     )
     compile_kwargs = dict(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
-    fit_kwargs = dict(callbacks=list(callbacks or []), class_weight=class_weight, verbose=verbose)
+    # Data reaches fit as tf.data, shuffled (or not) by its source: fit's own shuffle does nothing.
+    fit_kwargs = dict(
+        callbacks=list(callbacks or []), class_weight=class_weight, verbose=verbose, shuffle=False
+    )
     histories = []
     try:
         if head_epochs and not (checkpointer and checkpointer.skips(model, "head")):
