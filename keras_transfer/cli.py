@@ -219,12 +219,15 @@ def _load_data(args, *, image_size, channels, training: bool):
 
     from keras_transfer import data, datasets
 
+    # With --checkpoint-dir, kt.checkpointing shuffles by (seed, epoch) itself, so that a resumed
+    # run sees the same batches; it needs the source in a fixed order.
+    shuffle = training and not getattr(args, "checkpoint_dir", None)
     if args.tfds:
         if args.data is not None:
             raise CLIError("Give either DATA or --tfds NAME, not both.")
         common = dict(data_dir=args.data_dir, image_size=image_size, batch_size=args.batch_size)
         main = data.from_tfds(
-            args.tfds, split=args.split, shuffle=training, seed=args.seed, **common
+            args.tfds, split=args.split, shuffle=shuffle, seed=args.seed, **common
         )
         test = None
         if training and getattr(args, "test_split", None):
@@ -260,6 +263,7 @@ def _load_data(args, *, image_size, channels, training: bool):
             class_names=names,
             batch_size=args.batch_size,
             validation_split=args.validation_split,
+            shuffle=shuffle,
             seed=args.seed,
         )
         train, val = split if args.validation_split else (split, None)
@@ -280,7 +284,9 @@ def _load_data(args, *, image_size, channels, training: bool):
         common["batch_size"] = max(1, min(args.batch_size, count))
         ds = data.from_folder(args.data, shuffle=False, **common)
         return ds, None, None, ds.class_names
-    split = data.from_folder(args.data, validation_split=args.validation_split, **common)
+    split = data.from_folder(
+        args.data, validation_split=args.validation_split, shuffle=shuffle, **common
+    )
     train, val = split if args.validation_split else (split, None)
     return train, val, None, train.class_names
 

@@ -145,3 +145,17 @@ def test_export_reads_labels_txt_beside_the_model(trained, tmp_path):
         (tmp_path / "tiny" / "1" / "assets.extra" / "keras_transfer.json").read_text()
     )
     assert metadata["labels"] == ["blue", "red"]
+
+
+@pytest.mark.slow
+def test_train_with_checkpoint_dir_gives_checkpointing_a_fixed_order(
+    image_folder, tmp_path, caplog
+):
+    checkpoints = tmp_path / "checkpoints"
+    argv = ["train", str(image_folder), *TINY, "--image-size", "32", "--batch-size", "4"]
+    argv += ["--head-epochs", "1", "--finetune-epochs", "1", "--output-dir", str(tmp_path)]
+    argv += ["--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1", "--quiet"]
+    with caplog.at_level("WARNING", logger="keras_transfer.checkpointing"):
+        assert cli.main(argv) == 0
+    assert list(checkpoints.rglob("checkpoint.npz"))  # one folder per trained model
+    assert not [r for r in caplog.records if "reshuffl" in r.getMessage()]
