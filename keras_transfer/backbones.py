@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import keras
 
+from keras_transfer._validate import image_hw
+
 PREPROCESSING_MODES = ("tf", "torch", "caffe", "none")
 
 
@@ -48,18 +50,12 @@ class Backbone:
 
     def build(self, image_size: int | tuple[int, int] | None = None, **kwargs) -> keras.Model:
         """Builds the headless backbone (`include_top=False`) at `image_size`."""
-        size = _as_hw(image_size or self.default_size)
+        size = image_hw(image_size or self.default_size)
         kwargs.setdefault("weights", None)
         model = self.constructor(include_top=False, input_shape=(*size, 3), **kwargs)
         # Renamed after construction: EfficientNetV2 looks its block table up by `name`.
         model.name = self.name
         return model
-
-
-def _as_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(image_size)
 
 
 _apps = keras.applications

@@ -15,25 +15,15 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer._validate import check_int, image_hw
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _IGNORED = (".DS_Store", "Thumbs.db", "desktop.ini")
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _hw(image_size) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(
-            f"`image_size` must be a positive int or (height, width). Received: {image_size!r}"
-        )
-    return size
-
-
 def _check_batch_size(batch_size, n: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive int. Received: batch_size={batch_size!r}"
-        )
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     if batch_size > n:
         raise ValueError(
             f"`batch_size`={batch_size} is larger than the dataset ({n} examples): every epoch "
@@ -181,7 +171,7 @@ def from_folder(
     ...     "photos/", image_size=160, validation_split=0.2
     ... )  # doctest: +SKIP
     """
-    size = _hw(image_size)
+    size = image_hw(image_size)
     validation_split = _check_split(validation_split)
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: channels={channels!r}")
@@ -355,7 +345,7 @@ def from_tfds(
     """
     import tensorflow_datasets as tfds
 
-    size = _hw(image_size)
+    size = image_hw(image_size)
     if isinstance(name_or_builder, str):
         try:
             builder = tfds.builder(name_or_builder, data_dir=data_dir)

@@ -24,6 +24,8 @@ import pathlib
 
 import numpy as np
 
+from keras_transfer._validate import image_hw, is_int
+
 __all__ = [
     "CLASS_NAMES",
     "DATASETS",
@@ -115,7 +117,7 @@ def few_shot_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
         TypeError: If `per_class` is not an int.
         ValueError: If `per_class` is not positive or a class has fewer examples.
     """
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)):
+    if not is_int(per_class):
         raise TypeError(f"`per_class` must be an int. Received: per_class={per_class!r}")
     if per_class < 1:
         raise ValueError(
@@ -181,14 +183,7 @@ def fashion_mnist(
         )
     if channels not in (1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: channels={channels!r}")
-    size = None
-    if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ValueError(
-                "`image_size` must be a positive int or a (height, width) pair of them. "
-                f"Received: image_size={image_size!r}"
-            )
+    size = None if image_size is None else image_hw(image_size)
 
     images_path, labels_path = _find_files(split)
     images = _read_idx(images_path)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_transfer._validate import check_int, image_hw, is_int
+
 SERVING_DEFAULT = "serving_default"
 SERVE_BYTES = "serve_bytes"
 FORMATS = ("tf_saved_model", "tflite")
@@ -122,13 +124,7 @@ def _check_model(model: Any, image_size: Sequence[int] | None) -> tuple[tuple[in
             f"`model` input must have 1 (greyscale) or 3 (RGB) channels. Received: {channels}."
         )
     if image_size is not None:
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        if len(image_size) != 2 or any(int(s) < 1 for s in image_size):
-            raise ValueError(
-                f"`image_size` must be an int or (height, width). Received: image_size={image_size}"
-            )
-        height, width = (int(s) for s in image_size)
+        height, width = image_hw(image_size)
     if height is None or width is None:
         raise ValueError(
             "`model` accepts any image size, so the export cannot know what to resize to. "
@@ -527,20 +523,15 @@ def export_for_serving(
             f"Received: output shapes {[tuple(t.shape) for t in model.outputs]}."
         )
     labels = _labels_for(labels, units, head)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"`top_k` must be a positive int. Received: top_k={top_k!r}")
-    if not isinstance(max_image_pixels, int) or max_image_pixels < size[0] * size[1]:
+    top_k = check_int("top_k", top_k, minimum=1)
+    if not is_int(max_image_pixels) or max_image_pixels < size[0] * size[1]:
         raise ValueError(
             f"`max_image_pixels` must be an int of at least the model's own size "
             f"({size[0] * size[1]}). Received: max_image_pixels={max_image_pixels!r}"
         )
     if version is None:
         version = (existing_versions(base) or [0])[-1] + 1
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(
-            f"`version` must be a positive int (TF Serving ignores other folder names). "
-            f"Received: version={version!r}"
-        )
+    version = check_int("version", version, minimum=1, hint="TF Serving ignores other folder names")
     target = base / str(version)
     if target.exists() and not overwrite:
         raise FileExistsError(
@@ -557,7 +548,7 @@ def export_for_serving(
         labels=labels,
         top_k=min(top_k, units),
         threshold=float(threshold),
-        max_image_pixels=max_image_pixels,
+        max_image_pixels=int(max_image_pixels),
         outputs=_output_names(head),
     )
     base.mkdir(parents=True, exist_ok=True)
@@ -763,9 +754,9 @@ def write_models_config(
                     f"`versions` of {name!r} must be 'latest', 'all' or a non-empty list of ints. "
                     f"Received: {versions!r}"
                 )
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in versions):
+            if not all(is_int(v) and v >= 1 for v in versions):
                 raise ValueError(f"`versions` of {name!r} must be positive ints: {versions!r}")
-            item.model_version_policy.specific.versions.extend(sorted(set(versions)))
+            item.model_version_policy.specific.versions.extend(sorted({int(v) for v in versions}))
         for label, version in (entry.get("labels") or {}).items():
             if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", str(label)):
                 raise ValueError(f"Version label {label!r} of {name!r} must be a plain word.")
@@ -775,9 +766,9 @@ def write_models_config(
                         f"Label {label!r} of {name!r} points at version {version}, which is not "
                         f"among the served versions {list(versions)}. Add it to 'versions'."
                     )
-            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            if not is_int(version) or version < 1:
                 raise ValueError(f"Label {label!r} of {name!r} needs a positive int version.")
-            item.version_labels[str(label)] = version
+            item.version_labels[str(label)] = int(version)
     text = text_format.MessageToString(config)
     text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     path = Path(path)
