@@ -45,7 +45,7 @@ _ACTIVATION_TO_HEAD = {
     "sigmoid": "multi_label",
     "linear": "regression",
 }
-_WORKER = Path(__file__).with_name("_clean_verify.py")
+_WORKER = Path(__file__).with_name("_clean_worker.py")
 
 
 class VerificationError(RuntimeError):

@@ -1,6 +1,6 @@
 """Clean-process verifier for `keras_transfer.export.verify_export`.
 
-Runs as a standalone script (`python -I -S _clean_verify.py manifest.json`), never as part of the
+Runs as a standalone script (`python -I -S _clean_worker.py manifest.json`), never as part of the
 package: it blocks `keras`, `keras_transfer` and `tf_keras` before importing TensorFlow, so the
 SavedModel is loaded exactly as TF Serving would load it, with nothing but TensorFlow. It writes a
 JSON report to the manifest's `result` path and exits 1 on any failure.
