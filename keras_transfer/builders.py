@@ -1,7 +1,8 @@
 """Builders: a `keras.applications` backbone plus a new head, as a plain Functional `keras.Model`.
 
 The graph is always: raw pixels in [0, 255] -> optional augmentation (active only in training) ->
-the backbone's own preprocessing -> backbone called with `training=False` -> pooling -> head.
+the backbone's own preprocessing -> backbone called with `training=False` -> pooling -> head
+(`Dense(name="logits")` -> `Activation(name="predictions")`; the names live in `heads`).
 Keras 3 passes the outer `training` flag on to nested models, overriding `training=False`, so the
 builders make inference mode hold by construction: every BatchNormalization layer of the backbone
 is frozen (a frozen Keras 3 BatchNorm always normalises with its moving statistics, which then
@@ -19,12 +20,20 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_transfer._validate import image_hw
 from keras_transfer.backbones import Backbone, get_backbone
 from keras_transfer.freezing import freeze_batchnorm
+
+# keras_transfer.heads owns the names; INPUT_NAME and OUTPUT_NAME stay importable from here too.
+from keras_transfer.heads import (
+    AUGMENTATION_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OUTPUT_NAME,
+    POOLING_NAME,
+)
 from keras_transfer.layers import BackbonePreprocessing
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "predictions"
 POOLING = ("avg", "max", "flatten")
 
 
@@ -60,12 +69,7 @@ def default_augmentation() -> list[keras.layers.Layer]:
 def _image_size(spec: Backbone, image_size) -> tuple[int, int]:
     if image_size is None:
         return (spec.default_size, spec.default_size)
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        raise TypeError(
-            "`image_size` must be an int or a (height, width) pair of ints. "
-            f"Received: image_size={image_size!r}"
-        )
+    size = image_hw(image_size)
     if min(size) < spec.min_size:
         raise ValueError(
             f"`image_size` {image_size!r} is below {spec.name}'s minimum of {spec.min_size} px. "
@@ -161,7 +165,7 @@ def _backbone_features(
         if not isinstance(augmentation, keras.Sequential):
             if isinstance(augmentation, keras.layers.Layer):
                 augmentation = [augmentation]
-            augmentation = keras.Sequential(list(augmentation), name="augmentation")
+            augmentation = keras.Sequential(list(augmentation), name=AUGMENTATION_NAME)
         x = augmentation(x)
     if channels == 1:
         x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
@@ -187,11 +191,11 @@ def _backbone_features(
     _inference_mode_only(base)
     x = base(x, training=False)
     if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="pooling")(x)
+        x = keras.layers.GlobalAveragePooling2D(name=POOLING_NAME)(x)
     elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="pooling")(x)
+        x = keras.layers.GlobalMaxPooling2D(name=POOLING_NAME)(x)
     else:
-        x = keras.layers.Flatten(name="pooling")(x)
+        x = keras.layers.Flatten(name=POOLING_NAME)(x)
     return inputs, x, spec
 
 
@@ -203,7 +207,8 @@ def _inference_mode_only(backbone: keras.Model) -> None:
             layer.rate = 0.0
 
 
-def _head(x, units: int, activation: str | None, hidden_units: Sequence[int], dropout: float):
+def _head(x, units: int, activation: str, hidden_units: Sequence[int], dropout: float):
+    """Hidden layers, then `Dense(name="logits")` -> `Activation(name="predictions")`."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
     for i, width in enumerate(hidden_units):
@@ -212,8 +217,10 @@ def _head(x, units: int, activation: str | None, hidden_units: Sequence[int], dr
             x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
     if dropout and not hidden_units:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    # float32 output even under a mixed-precision policy: softmax/sigmoid in float16 saturates.
-    return keras.layers.Dense(units, activation=activation, name=OUTPUT_NAME, dtype="float32")(x)
+    # float32 logits and outputs even under a mixed-precision policy: softmax/sigmoid in float16
+    # saturates, and losses on the logits (distillation, calibration) need the precision too.
+    x = keras.layers.Dense(units, name=LOGITS_NAME, dtype="float32")(x)
+    return keras.layers.Activation(activation, name=OUTPUT_NAME, dtype="float32")(x)
 
 
 def build_classifier(
@@ -257,8 +264,9 @@ def build_classifier(
     Returns:
         A Functional `keras.Model` taking float32 pixels in [0, 255] of shape
         `(batch, height, width, channels)` (input name `"images"`) and returning class
-        probabilities (output layer `"predictions"`, float32). The backbone is the nested model
-        named after its registry entry.
+        probabilities (output layer `"predictions"`, float32, a softmax or sigmoid `Activation`
+        fed by the `"logits"` `Dense`; see `kt.head_of`, `kt.logits_model`). The backbone is the
+        nested model named after its registry entry.
 
     Raises:
         ValueError: for an unknown backbone, a size below the minimum, a bad `num_classes`,
@@ -327,7 +335,8 @@ def build_regressor(
         **backbone_kwargs: Passed to the `keras.applications` constructor.
 
     Returns:
-        A Functional `keras.Model` with linear float32 outputs of shape `(batch, outputs)`.
+        A Functional `keras.Model` with linear float32 outputs of shape `(batch, outputs)`
+        (`Dense(name="logits")` -> linear `Activation(name="predictions")`).
 
     Example:
     >>> import keras_transfer as kt
@@ -349,6 +358,6 @@ def build_regressor(
         )
         return keras.Model(
             inputs,
-            _head(x, outputs, None, hidden_units, dropout),
+            _head(x, outputs, "linear", hidden_units, dropout),
             name=name or f"{spec.name}_regressor",
         )

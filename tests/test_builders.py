@@ -18,6 +18,7 @@ def test_classifier_graph_is_functional_with_preprocessing_inside(tiny_model):
         "mobilenet_v2",
         "pooling",
         "head_dropout",
+        "logits",
         OUTPUT_NAME,
     ]
     assert model.get_layer("preprocessing").mode == "tf"

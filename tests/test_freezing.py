@@ -12,7 +12,7 @@ def trainable_names(model):
 def test_freeze_backbone_leaves_only_the_head(tiny_model):
     kt.freeze_backbone(tiny_model)
     names = trainable_names(tiny_model)
-    assert names and all(n.startswith("predictions/") for n in names)
+    assert names and all(n.startswith("logits/") for n in names)
 
 
 def test_unfreeze_blocks_counts_from_the_top_and_keeps_batchnorm_frozen(tiny_model):
