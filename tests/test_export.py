@@ -13,7 +13,13 @@ import tensorflow as tf
 from PIL import Image
 
 from keras_transfer import export
-from keras_transfer.export import export_for_serving, verify_export, write_models_config
+from keras_transfer.export import (
+    export_for_serving,
+    graph,
+    verify,
+    verify_export,
+    write_models_config,
+)
 
 LABELS = ["cat", "dog", "fox"]
 SIZE = 32
@@ -167,7 +173,7 @@ def test_serve_bytes_formats_sizes_and_clean_errors(exported):
     with pytest.raises(tf.errors.InvalidArgumentError, match="decoded-size limit"):
         call(loaded, "serve_bytes", [encode(random_u8(400, 400), "PNG")])
     with pytest.raises(tf.errors.InvalidArgumentError, match="decoded-size limit"):
-        call(loaded, "serve_bytes", [export._fake_png_header(90_000, 90_000)])
+        call(loaded, "serve_bytes", [verify._fake_png_header(90_000, 90_000)])
 
 
 @pytest.mark.parametrize(
@@ -175,7 +181,7 @@ def test_serve_bytes_formats_sizes_and_clean_errors(exported):
 )
 def test_header_size_check_reads_each_format(fmt, shape):
     data = encode(random_u8(*shape), fmt)
-    assert int(export._header_pixels(tf.constant(data))) == shape[0] * shape[1]
+    assert int(graph._header_pixels(tf.constant(data))) == shape[0] * shape[1]
 
 
 def test_warmup_requests_parse_with_official_protos(exported):
@@ -275,12 +281,12 @@ def test_clean_process_really_blocks_keras(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import runpy, sys\n"
-        f"mod = runpy.run_path({str(export._WORKER)!r})\n"
+        f"mod = runpy.run_path({str(verify._WORKER)!r})\n"
         "mod['install_blocker']()\n"
         "import tensorflow\n"
         "print('BLOCKED' if mod['keras_blocked']() else 'IMPORTABLE', tensorflow.__version__)\n"
     )
-    env = dict(os.environ, KT_SITE_DIRS=os.pathsep.join(export._site_dirs()))
+    env = dict(os.environ, KT_SITE_DIRS=os.pathsep.join(verify._site_dirs()))
     import subprocess
     import sys
 
