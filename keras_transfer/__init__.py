@@ -102,7 +102,11 @@ __all__ = [
     "fine_tune",
     "freeze_backbone",
     "get_backbone",
+    "head_of",
+    "heads",
+    "HeadSpec",
     "list_backbones",
+    "logits_model",
     "single_tensor_cuts",
     "trainable_summary",
     "unfreeze",
@@ -168,6 +172,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; nothing here runs at import tim
         evaluation,
         export,
         freezing,
+        heads,
         layers,
         serving,
         training,
@@ -196,5 +201,6 @@ if TYPE_CHECKING:  # for IDEs and type checkers; nothing here runs at import tim
         trainable_summary,
         unfreeze,
     )
+    from keras_transfer.heads import HeadSpec, head_of, logits_model  # noqa: F401
     from keras_transfer.layers import BackbonePreprocessing  # noqa: F401
     from keras_transfer.training import fine_tune  # noqa: F401
