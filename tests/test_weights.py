@@ -142,6 +142,7 @@ _TINY_ARCH = weights.TorchvisionArch(
     requirement="tiny==0",
     wheel_glob="tiny-*.whl",
     checkpoint="tiny.pth",
+    sha256="0" * 64,
     keras_constructor="unused",
     file_name=lambda alpha, size, top: "tiny.h5",
 )
