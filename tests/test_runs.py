@@ -38,7 +38,8 @@ def history():
 def saved(model, history, tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs") / "flowers"
     metrics = {"test": _Report(), "seconds": 1.5, "config": {"name": "flowers"}}
-    assert runs.save_run(folder, model, class_names=NAMES, history=history, metrics=metrics) == folder
+    written = runs.save_run(folder, model, class_names=NAMES, history=history, metrics=metrics)
+    assert written == folder
     return folder
 
 
