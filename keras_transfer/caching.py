@@ -45,15 +45,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer import distribute, freezing
+from keras_transfer import datacheck, distribute, features, freezing, heads
 from keras_transfer.backbones import single_tensor_cuts
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BUDGET_BYTES = 2 * 1024**3
 CACHE_MODES = ("auto", True, False)
-POOLING_NAME = "pooling"
-AUGMENTATION_NAME = "augmentation"
+POOLING_NAME = heads.POOLING_NAME
+AUGMENTATION_NAME = heads.AUGMENTATION_NAME
 # Callbacks that save or restore the model they are given: on a phase model they would save
 # the head or suffix instead of the full model.
 _SAVING_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
@@ -97,6 +97,7 @@ class CachedPhase:
         validation_data: Batched validation activations, or None.
         cut: Where the cache was taken: `"pooling"` or the name of the last frozen backbone op.
         caches: The underlying caches (for their sizes and files).
+        checked: Whether the caching pass checked the data against the head (`kt.datacheck`).
     """
 
     model: keras.Model
@@ -104,6 +105,7 @@ class CachedPhase:
     validation_data: tf.data.Dataset | None
     cut: str
     caches: list[FeatureCache] = field(default_factory=list)
+    checked: bool = False
 
     def close(self) -> None:
         """Deletes the phase's files on disk, if any."""
@@ -143,8 +145,12 @@ def augmentation_layer(model: keras.Model) -> keras.layers.Layer | None:
         return None
 
 
-def cache_blocker(model, *, phase, cut_index, augment_views, callbacks, train_data) -> str | None:
-    """Why `phase` (`"head"` or `"finetune"`) cannot run on cached activations; None if it can."""
+def cache_blocker(model, *, cut_index, augment_views, callbacks, train_data) -> str | None:
+    """Why a phase frozen up to `cut_index` cannot run on cached activations; None if it can.
+
+    `cut_index` is the last frozen backbone op (`freezing.plan_unfreeze`), or None for a phase
+    that trains the head only.
+    """
     if not any(layer.name == POOLING_NAME for layer in model.layers):
         return f"model {model.name!r} has no {POOLING_NAME!r} layer (not built by kt builders)"
     if augmentation_layer(model) is not None and augment_views is None:
@@ -157,7 +163,7 @@ def cache_blocker(model, *, phase, cut_index, augment_views, callbacks, train_da
         return f"callbacks {saving} save the model they train, which would be the phase model"
     if train_data.cardinality() == tf.data.INFINITE_CARDINALITY:
         return "the training data repeats forever"
-    if phase == "finetune":
+    if cut_index is not None:
         backbone = freezing.find_backbone(model)
         ops = backbone.operations
         if cut_index < 0:
@@ -170,77 +176,84 @@ def cache_blocker(model, *, phase, cut_index, augment_views, callbacks, train_da
     return None
 
 
-def _outer_backbone_tensors(model: keras.Model, backbone: keras.Model):
-    """The backbone's input and output tensors in the full model's graph."""
-    pooling = model.get_layer(POOLING_NAME)
-    output = pooling.input
-    for node in backbone._inbound_nodes:
-        if any(t is output for t in node.output_tensors):
-            return node.input_tensors[0], output
-    raise ValueError(
-        f"The {POOLING_NAME!r} layer of {model.name!r} does not follow backbone "
-        f"{backbone.name!r} directly; build the model with kt.build_classifier/build_regressor."
-    )
-
-
 def _input_like(tensor, name: str):
     return keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=name)
 
 
 @dataclass
 class _Split:
-    """A full model split at a cut into a frozen prefix (with its taps) and a phase model."""
+    """A full model split at cuts into a frozen prefix (with its taps) and phase models."""
 
     start: keras.KerasTensor  # where extraction starts (after augmentation)
-    extractor: keras.Model  # start -> list of tapped activations
+    extractor: keras.Model  # start -> list of tapped activations, one per phase model
     phase_models: list[keras.Model]  # one per tap: activation -> model output
     cuts: list[str]
 
 
-def split_model(model: keras.Model, cut_index: int | None = None) -> _Split:
+def split_model(model: keras.Model, cut_index: int | None = None, *, cut_indices=None) -> _Split:
     """Splits `model` into a frozen prefix and phase models sharing its layers.
 
     Args:
         model: A model built by `kt.build_classifier` / `kt.build_regressor`.
         cut_index: Index into the backbone's `operations` of the last frozen op (as returned by
-            `freezing.plan_unfreeze`), or None for the pooling output only.
+            `freezing.plan_unfreeze`), or None for the pooling output only. Same as
+            `cut_indices=[cut_index, None]` (or `[None]`).
+        cut_indices: The cuts to tap, in the order wanted: backbone op indices, and None for
+            the pooling output (the head-only phase). One forward pass fills them all.
 
     Returns:
-        A `_Split` whose extractor returns `[pooling features]` for `cut_index=None`, else
-        `[cut activations, pooling features]`, with one phase model per tap.
+        A `_Split` whose extractor returns one activation per cut, in `cut_indices` order, with
+        one phase model per cut (the backbone above the cut, pooling and head; or the head).
     """
+    if cut_indices is None:
+        cut_indices = [None] if cut_index is None else [cut_index, None]
+    cut_indices = list(dict.fromkeys(cut_indices))
     augmentation = augmentation_layer(model)
     start = augmentation.output if augmentation is not None else model.inputs[0]
     pooled = model.get_layer(POOLING_NAME).output
     head = keras.Model(pooled, model.outputs[0], name=f"{model.name}_head")
-    if cut_index is None:
+    depths = sorted(c for c in cut_indices if c is not None)
+    if not depths:
         return _Split(start, keras.Model(start, [pooled]), [head], [POOLING_NAME])
 
     backbone = freezing.find_backbone(model)
     ops = backbone.operations
-    backbone_in, backbone_out = _outer_backbone_tensors(model, backbone)
+    backbone_in, backbone_out = features.backbone_tensors(model, backbone)
     after_backbone = keras.Model(backbone_out, model.outputs[0], name=f"{model.name}_top")
     pool = keras.Model(backbone_out, pooled, name=f"{model.name}_pool")
     stem = keras.Model(start, backbone_in, name=f"{model.name}_stem")
 
+    def tensor(c):  # the backbone's tensor after op `c` (its output after the last op)
+        return backbone.outputs[0] if c == len(ops) - 1 else ops[c].output
+
+    # Walk up the backbone once, from cut to cut, tapping each; then to its output and pooling.
     x = _input_like(start, "images")
-    h = stem(x)
-    if cut_index == len(ops) - 1:  # nothing in the backbone trains: cache its output
-        activations = backbone(h, training=False)
-        suffix, top_of_backbone = after_backbone, activations
-    else:
-        cut_tensor = ops[cut_index].output
-        bottom = keras.Model(backbone.inputs[0], cut_tensor, name=f"{backbone.name}_bottom")
-        top = keras.Model(cut_tensor, backbone.outputs[0], name=f"{backbone.name}_top")
-        activations = bottom(h, training=False)
-        top_of_backbone = top(activations, training=False)
-        a = _input_like(cut_tensor, "activations")
-        suffix = keras.Model(a, after_backbone(top(a, training=False)), name=f"{model.name}_suffix")
-    extractor = keras.Model(x, [activations, pool(top_of_backbone)])
-    return _Split(start, extractor, [suffix, head], [ops[cut_index].name, POOLING_NAME])
+    h, previous, taps, suffixes = stem(x), backbone.inputs[0], {}, {}
+    for c in depths:
+        if tensor(c) is not previous:
+            part = keras.Model(previous, tensor(c), name=f"{backbone.name}_to_{ops[c].name}")
+            h = part(h, training=False)
+        taps[c], previous = h, tensor(c)
+        if c == len(ops) - 1:  # nothing in the backbone trains: cache its output
+            suffixes[c] = after_backbone
+        else:
+            top = keras.Model(tensor(c), backbone.outputs[0], name=f"{backbone.name}_top_{c}")
+            a = _input_like(tensor(c), "activations")
+            suffixes[c] = keras.Model(
+                a, after_backbone(top(a, training=False)), name=f"{model.name}_suffix_{c}"
+            )
+    if previous is not backbone.outputs[0]:
+        h = keras.Model(previous, backbone.outputs[0], name=f"{backbone.name}_rest")(
+            h, training=False
+        )
+    pooled_tap = pool(h)
+    outputs = [pooled_tap if c is None else taps[c] for c in cut_indices]
+    phase_models = [head if c is None else suffixes[c] for c in cut_indices]
+    cuts = [POOLING_NAME if c is None else ops[c].name for c in cut_indices]
+    return _Split(start, keras.Model(x, outputs), phase_models, cuts)
 
 
-def _shuffles(dataset: tf.data.Dataset) -> bool:
+def shuffles(dataset: tf.data.Dataset) -> bool:
     """Whether `dataset`'s pipeline shuffles (so the cached copy should too)."""
     pending = [dataset]
     while pending:
@@ -312,9 +325,9 @@ def detached_copy(dataset: tf.data.Dataset) -> tf.data.Dataset | None:
 def _extract_fn(model: keras.Model, split: _Split, augment: bool, jit_compile: bool):
     """One traced forward function for the frozen prefix, shared by every dataset it caches.
 
-    The function is traced once per image dtype and shape with the batch dimension left open, so
-    the last, partial batch and the validation data reuse the training data's trace instead of
-    tracing (and graph-optimizing) the whole prefix again.
+    Traced once per image dtype and shape with the batch dimension left open
+    (`kt.features.forward_fn`), so the last, partial batch and the validation data reuse the
+    training data's trace instead of tracing (and graph-optimizing) the whole prefix again.
     """
     augmentation = augmentation_layer(model)
     # Explicit `training` on each part: augmentation active only when caching augmented views,
@@ -326,22 +339,9 @@ def _extract_fn(model: keras.Model, split: _Split, augment: bool, jit_compile: b
         x = images
         if augmentation is not None:
             x = augment_model(x, training=augment)
-        return [
-            tf.convert_to_tensor(t) for t in tf.nest.flatten(split.extractor(x, training=False))
-        ]
+        return split.extractor(x, training=False)
 
-    traced = tf.function(extract, jit_compile=bool(jit_compile), autograph=False)
-    concrete = {}
-
-    def call(images):
-        images = tf.convert_to_tensor(images)
-        key = (images.dtype, tuple(images.shape[1:]))
-        if key not in concrete:
-            spec = tf.TensorSpec((None, *images.shape[1:]), images.dtype)
-            concrete[key] = traced.get_concrete_function(spec)
-        return concrete[key](images)
-
-    return call
+    return features.forward_fn(extract, jit_compile=jit_compile)
 
 
 def _views(extract_plain, extract_augmented, images, augment_views):
@@ -393,6 +393,7 @@ def build_caches(
     name: str = "train",
     extractors=None,
     expected_keys: np.ndarray | None = None,
+    head: heads.HeadSpec | None = None,
 ) -> list[FeatureCache]:
     """Runs the frozen prefix once over `dataset`; returns one cache per tap.
 
@@ -405,6 +406,8 @@ def build_caches(
     `extractors` (from `_extractors`) lets several datasets share one traced forward function.
     Each cache records its examples' `image_keys`. With `expected_keys` (sorted keys of an
     earlier pass), an image whose key is not among them raises `RandomPipelineError` at once.
+    With `head`, the pass also checks the labels and pixels against it (`kt.datacheck`) and
+    raises `ValueError` at its end.
     """
     extract_plain, extract_augmented = extractors or _extractors(
         model, split, augment_views, jit_compile
@@ -421,9 +424,13 @@ def build_caches(
     targets: list[tuple[np.ndarray, ...]] = []
     keys: list[np.ndarray] = []
     in_memory = [True] * len(per_example)
+    stats = datacheck.DataStats()
 
     def batches(elements):
+        stats.reset()  # a pass may run again (exactly counted, after the first outgrew the budget)
         for element in elements:
+            if head is not None:
+                stats.update(datacheck.batch_stats(*element))
             batch_keys = image_keys(element[0]).numpy()
             if expected_keys is not None:
                 _check_keys(batch_keys, expected_keys)
@@ -477,6 +484,13 @@ def build_caches(
         else:
             for _ in batches(dataset):
                 pass
+    if head is not None:
+        try:
+            datacheck.raise_for(head, dataset.element_spec[1], stats, f"{name}_data")
+        except ValueError:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
     target_arrays = tuple(np.concatenate(parts) for parts in zip(*targets, strict=True))
     key_array = np.concatenate(keys)
     if expected_keys is not None and len(key_array) != len(expected_keys):
@@ -591,7 +605,8 @@ def prepare(
     train_data: tf.data.Dataset,
     validation_data: tf.data.Dataset | None,
     *,
-    cut_index: int | None,
+    cut_index: int | None = None,
+    cut_indices=None,
     augment_views: int | None = None,
     budget_bytes: int | None = DEFAULT_CACHE_BUDGET_BYTES,
     cache_dir: str | os.PathLike | None = None,
@@ -607,7 +622,9 @@ def prepare(
         train_data: Batched `(images, targets[, sample_weights])` dataset.
         validation_data: Same form, or None.
         cut_index: Last frozen backbone op for phase 2 (`freezing.plan_unfreeze`), or None to
-            cache only the pooling output (phase 1).
+            cache only the pooling output (phase 1); same as `cut_indices=[cut_index, None]`.
+        cut_indices: The cuts to cache in one pass, in order: backbone op indices, and None
+            for the pooling output.
         augment_views: Augmented views cached per training image, or None for none.
         budget_bytes: Bytes of activations kept in memory; beyond, caches go to disk.
         cache_dir: Folder for disk caches; a temporary folder when None.
@@ -618,15 +635,19 @@ def prepare(
             caches on disk).
 
     Returns:
-        `[head phase]` for `cut_index=None`, else `[finetune phase, head phase]`.
+        One `CachedPhase` per cut, in `cut_indices` order (for `cut_index`: `[head phase]`
+        when None, else `[finetune phase, head phase]`). Their data was checked against the
+        head on the way (`kt.datacheck`: labels in range, finite pixels).
 
     Raises:
         RandomPipelineError: when `train_data` gives other images on another pass (random ops
             in its pipeline), before the model runs on more than one batch of it.
+        ValueError: when the data's labels or pixels cannot train the head.
     """
     # Phase models belong to the strategy they are built under, like their variables.
     with (strategy or model.distribute_strategy).scope():
-        split = split_model(model, cut_index)
+        split = split_model(model, cut_index, cut_indices=cut_indices)
+    head = heads.head_of(model)
     budget = [DEFAULT_CACHE_BUDGET_BYTES if budget_bytes is None else budget_bytes]
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     # One traced forward function serves the training and the validation data.
@@ -635,7 +656,7 @@ def prepare(
     # source's sequence of orders untouched and, via `keyed_batches`, see the batches a plain
     # fit would. A first pass over image keys alone catches pipelines that are random beyond
     # their order (iterating the copy, or an unshuffled source, twice changes nothing).
-    shuffle = _shuffles(train_data)
+    shuffle = shuffles(train_data)
     source = detached_copy(train_data) if shuffle else train_data
     if source is None:
         logger.info(
@@ -657,21 +678,29 @@ def prepare(
         name="train",
         extractors=(plain, augmented),
         expected_keys=expected,
+        head=head,
     )
     val_caches = [None] * len(train_caches)
     if validation_data is not None:
-        val_caches = build_caches(
-            model,
-            split,
-            validation_data,
-            augment_views=None,
-            budget=budget,
-            cache_dir=cache_dir,
-            jit_compile=jit_compile,
-            strategy=strategy,
-            name="validation",
-            extractors=(plain, None),
-        )
+        try:
+            val_caches = build_caches(
+                model,
+                split,
+                validation_data,
+                augment_views=None,
+                budget=budget,
+                cache_dir=cache_dir,
+                jit_compile=jit_compile,
+                strategy=strategy,
+                name="validation",
+                extractors=(plain, None),
+                head=head,
+            )
+        except BaseException:
+            for cache in train_caches:
+                if cache.path:
+                    shutil.rmtree(cache.path, ignore_errors=True)
+            raise
     batch_size = train_caches[0].batch_size or _batch_size(source)
     keyed = shuffle and source is not train_data
     phases = []
@@ -700,7 +729,7 @@ def prepare(
                 augment_views=None,
             )
         caches = [c for c in (train_cache, val_cache) if c is not None]
-        phases.append(CachedPhase(phase_model, train, val, cut, caches))
+        phases.append(CachedPhase(phase_model, train, val, cut, caches, checked=True))
     return phases
 
 

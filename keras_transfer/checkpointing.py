@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -34,7 +35,7 @@ import tensorflow as tf
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.npz"
-PHASES = ("head", "finetune")
+PHASES = ("head", "finetune")  # `kt.fine_tune`'s phases; `fit_phases` passes its own
 SHUFFLE_BUFFER = 4096
 FORMAT_VERSION = 1
 
@@ -138,25 +139,40 @@ class _CheckpointCallback(keras.callbacks.Callback):
 
 
 class Checkpointer:
-    """Checkpoints and resumes the phases of one `fine_tune` run in `directory`.
+    """Checkpoints and resumes the phases of one `fit_phases` / `fine_tune` run in `directory`.
 
     Args:
         directory: Folder holding `checkpoint.npz`; created if missing.
         every: Optimizer steps between checkpoints (one is also written at each epoch end).
         seed: Seed of the per-epoch data order.
+        phases: The run's phase names, in order.
     """
 
-    def __init__(self, directory: str | os.PathLike, every: int = 100, seed: int = 0):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        every: int = 100,
+        seed: int = 0,
+        phases: Sequence[str] = PHASES,
+    ):
         check_arguments(directory, every, seed)
         self.directory = Path(directory)
         self.every = every
         self.seed = seed
+        self.phases = tuple(phases)
         self.layout = None
         # A kill during a write leaves only its temporary file; the checkpoint itself is whole.
         for stale in self.directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
         found = read_checkpoint(self.directory)
         self.state, self._model_arrays, self._optimizer_arrays = found or (None, [], [])
+        if self.state is not None and self.state["phase"] not in self.phases:
+            raise ValueError(
+                f"The checkpoint in {str(self.directory)!r} was written in phase "
+                f"{self.state['phase']!r}, which this run's phases {list(self.phases)} do not "
+                "have. Resume with the same phases, or pass an empty checkpoint folder to start "
+                "over."
+            )
         if self.state is not None:
             logger.info(
                 "Resuming from %s: phase %r, epoch %d, %d batches applied.",
@@ -208,7 +224,7 @@ class Checkpointer:
         """Whether `phase` finished in the checkpointed run (then its weights are loaded)."""
         if self.state is None:
             return False
-        done = PHASES.index(self.state["phase"]) > PHASES.index(phase) or (
+        done = self.phases.index(self.state["phase"]) > self.phases.index(phase) or (
             self.state["phase"] == phase and self.state["done"]
         )
         if done:
@@ -256,7 +272,9 @@ class Checkpointer:
             if self.state["done"]:
                 return _empty_history(model)
             epoch, batch = self.state["epoch"], self.state["batch"]
-        elif self.state is not None and PHASES.index(self.state["phase"]) < PHASES.index(phase):
+        elif self.state is not None and (
+            self.phases.index(self.state["phase"]) < self.phases.index(phase)
+        ):
             self._restore(model, optimizer=False)
         if batch >= batches:
             epoch, batch = epoch + 1, 0
@@ -311,15 +329,9 @@ def _empty_history(model) -> keras.callbacks.History:
 
 
 def _concat_histories(model, histories) -> keras.callbacks.History:
-    merged = _empty_history(model)
-    for history in histories:
-        n = len(history.epoch)
-        for key in dict.fromkeys([*merged.history, *history.history]):
-            values = merged.history.setdefault(key, [float("nan")] * len(merged.epoch))
-            values.extend(history.history.get(key, [float("nan")] * n))
-        merged.epoch.extend(history.epoch)
-        merged.params = history.params
-    return merged
+    from keras_transfer.phases import merge_histories
+
+    return merge_histories(model, [(None, h) for h in histories])
 
 
 def _warn_if_reshuffling(dataset: tf.data.Dataset) -> None:

@@ -196,11 +196,11 @@ def test_phase1_leaves_backbone_untouched(data):
     x, y = data
     model = make_model(x)
     before = [w.copy() for w in kt.find_backbone(model).get_weights()]
-    head_before = [w.copy() for w in model.get_layer("predictions").get_weights()]
+    head_before = [w.copy() for w in model.get_layer("logits").get_weights()]
     kt.fine_tune(model, (x, y), head_epochs=2, finetune_epochs=0, cache=True, verbose=0)
     after = kt.find_backbone(model).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-    assert not np.array_equal(head_before[0], model.get_layer("predictions").get_weights()[0])
+    assert not np.array_equal(head_before[0], model.get_layer("logits").get_weights()[0])
 
 
 def test_phase2_trains_full_model_top_only(data):

@@ -16,14 +16,14 @@ def test_two_phases_change_exactly_what_they_should(tiny_model, images):
     x, y = images
     backbone = kt.find_backbone(tiny_model)
     start = _snapshot(tiny_model)
-    head_start = weights_of(tiny_model.get_layer("predictions"))
+    head_start = weights_of(tiny_model.get_layer("logits"))
 
     history = kt.fine_tune(
         tiny_model, (x, y), head_epochs=1, finetune_epochs=0, batch_size=8, verbose=0
     )
     after_head = _snapshot(tiny_model)
     assert all(same_weights(start[name], after_head[name]) for name in start)  # bit-identical
-    assert not same_weights(head_start, weights_of(tiny_model.get_layer("predictions")))
+    assert not same_weights(head_start, weights_of(tiny_model.get_layer("logits")))
     assert history.phases == {"head": (0, 1), "finetune": None}
 
     history = kt.fine_tune(
