@@ -130,7 +130,7 @@ class _CheckpointCallback(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) % self.checkpointer.every == 0:
+        if int(np.asarray(self.model.optimizer.iterations)) % self.checkpointer.every == 0:
             self.checkpointer.save(self.model, self.phase, self.epoch, self.offset + batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -204,7 +204,7 @@ class Checkpointer:
             "done": bool(done),
             "seed": self.seed,
             "data": self.layout,
-            "iterations": int(optimizer.iterations) if optimizer is not None else 0,
+            "iterations": int(np.asarray(optimizer.iterations)) if optimizer is not None else 0,
             "model_variables": len(model.variables),
             "optimizer_variables": len(optimizer.variables) if optimizer is not None else 0,
         }

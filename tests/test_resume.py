@@ -25,14 +25,14 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 STEPS_PER_PHASE = 10
 
 
-def _run(checkpoint_dir, output, kill_at=None, sleep=0.0):
+def _run(checkpoint_dir, output, kill_at=None, sleep=0.0, mode="two"):
     """Runs the worker; kills it with SIGKILL once it prints `STEP phase n` for kill_at=(phase, n).
 
     Returns the `(phase, iterations)` steps it printed and whether it was killed.
     """
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(checkpoint_dir), str(output), str(sleep)],
+        [sys.executable, str(WORKER), str(checkpoint_dir), str(output), str(sleep), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -61,17 +61,17 @@ def _run(checkpoint_dir, output, kill_at=None, sleep=0.0):
     return steps, killed
 
 
-def _next_step(checkpoint_dir):
+def _next_step(checkpoint_dir, phases=checkpointing.PHASES, steps_per_phase=STEPS_PER_PHASE):
     """The (phase, iteration) a restart must apply first, from what the kill left on disk."""
     names = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.exists() else []
     # At most the temporary file of a write the kill cut short besides the checkpoint.
     assert all(n.endswith(".tmp") for n in names if n != checkpointing.CHECKPOINT_FILE), names
     found = checkpointing.read_checkpoint(checkpoint_dir)
     if found is None:  # killed before its first checkpoint: starts over
-        return ("head", 1)
+        return (phases[0], 1)
     state = found[0]
-    if state["phase"] == "head" and (state["done"] or state["iterations"] == STEPS_PER_PHASE):
-        return ("finetune", 1)
+    if state["done"] or state["iterations"] == steps_per_phase:
+        return (phases[phases.index(state["phase"]) + 1], 1)
     return (state["phase"], state["iterations"] + 1)
 
 
@@ -209,3 +209,34 @@ def test_reshuffling_dataset_gets_a_warning(caplog):
         assert not caplog.records
         checkpointing._warn_if_reshuffling(kt.data.from_arrays(x, y, batch_size=4, shuffle=True))
     assert "reshuffles on each iteration" in caplog.text
+
+
+THREE_PHASES, THREE_STEPS = ("head", "top2", "top4"), 5  # tests/resume_worker.py, three-mirrored
+
+
+@pytest.mark.slow
+def test_three_phases_under_mirrored_strategy_resume_after_sigkill_in_later_phases(tmp_path):
+    """`fit_phases` with three phases over 2 logical CPUs, killed in phase 2 and in phase 3.
+
+    (A kill in the head phase goes through the same code as the two-phase test above.)
+    """
+    steps, _ = _run(tmp_path / "ref_ckpt", tmp_path / "ref.npz", mode="three-mirrored")
+    assert steps == [(p, i) for p in THREE_PHASES for i in range(1, THREE_STEPS + 1)]
+    uninterrupted, applied = _weights(tmp_path / "ref.npz")
+    assert applied == 3 * THREE_STEPS
+    checkpoint_dir, output = tmp_path / "ckpt", tmp_path / "out.npz"
+    seen, expected_next = [], []
+    for kill_at in [("top2", 2), ("top4", 3)]:
+        steps, killed = _run(checkpoint_dir, output, kill_at, sleep=0.05, mode="three-mirrored")
+        assert killed, f"the run ended before step {kill_at}"
+        seen.append(steps)
+        expected_next.append(_next_step(checkpoint_dir, THREE_PHASES, THREE_STEPS))
+    steps, killed = _run(checkpoint_dir, output, mode="three-mirrored")
+    assert not killed
+    seen.append(steps)
+    for steps, expected in zip(seen[1:], expected_next, strict=True):
+        assert steps[0] == expected, (steps[:3], expected)
+    assert seen[-1][-1] == ("top4", THREE_STEPS)
+    weights, _ = _weights(output)
+    for got, want in zip(weights, uninterrupted, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
