@@ -173,29 +173,15 @@ def _apply_config(args, parser) -> None:
 
 
 def _make_strategy(name: str):
-    """The strategy for `--strategy`: the library's factory when present, else a small local one."""
+    """`kt.make_strategy(--strategy)`; None for "default" (fine_tune uses the model's own)."""
     if name in (None, "default"):
         return None
-    factory = None
-    for module in ("keras_transfer.distribute", "keras_transfer.caching"):
-        try:
-            factory = __import__(module, fromlist=["make_strategy"]).make_strategy
-            break
-        except (ImportError, AttributeError):
-            continue
     import tensorflow as tf
 
+    from keras_transfer import distribute
+
     try:
-        if factory is not None:
-            return factory(name)
-        if name == "mirrored":
-            return tf.distribute.MirroredStrategy()
-        if name == "multi_worker":
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
+        return distribute.make_strategy(name)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
         raise CLIError(f"--strategy {name}: could not start it: {error}".splitlines()[0]) from None
 
@@ -410,7 +396,6 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
 
 
 def _run_train(args) -> int:
-    import json
     import time
     from pathlib import Path
 
@@ -437,6 +422,9 @@ def _run_train(args) -> int:
     train, val, test, names = _load_data(
         args, image_size=image_size, channels=channels, training=True
     )
+    from keras_transfer import runs
+
+    names = runs.check_labels(names)  # before training: labels.txt must be able to hold them
     name = args.name or Path(str(args.tfds or args.data)).name or "model"
     folder = Path(args.output_dir) / name
     print(f"{len(names)} classes; writing to {folder}")
@@ -444,26 +432,15 @@ def _run_train(args) -> int:
     model, history, metrics = _train_once(
         args, weights, train, val, test, names, image_size, channels
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder / "model.keras")
-    (folder / "labels.txt").write_text("\n".join(names) + "\n")
-    (folder / "history.json").write_text(
-        json.dumps(
-            {
-                "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-                "epoch": list(history.epoch),
-                "phases": getattr(history, "phases", {}),
-            },
-            indent=1,
-        )
-    )
     config = {k: v for k, v in vars(args).items() if k not in ("func", "_parser")}
     summary = {"config": config, **metrics, "seconds": round(time.perf_counter() - start, 1)}
+    run = dict(class_names=names, history=history)
+    runs.save_run(folder, model, **run, metrics=summary)
     if args.compare_scratch:
         _banner("Same run from random initialisation (--compare-scratch)")
         _, _, scratch = _train_once(args, None, train, val, test, names, image_size, channels)
         summary["scratch"] = scratch
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
+        runs.save_run(folder, model, **run, metrics=summary)
     _banner(f"Done in {time.perf_counter() - start:.0f} s: {folder}")
     key = "test" if "test" in metrics else "validation" if "validation" in metrics else None
     if key:
@@ -487,36 +464,6 @@ def _run_train(args) -> int:
     return 0
 
 
-def _resolve_model(path: str):
-    from pathlib import Path
-
-    model_path = Path(path)
-    if model_path.is_dir():
-        model_path = model_path / "model.keras"
-    if not model_path.is_file():
-        raise CLIError(
-            f"Model {path!r} not found. Pass a .keras file or a folder holding model.keras "
-            "(e.g. saved_models/fashion_mnist)."
-        )
-    import keras
-
-    import keras_transfer  # noqa: F401  (registers the custom layers)
-
-    # Inference only: no need for the optimizer state saved after training.
-    model = keras.models.load_model(model_path, compile=False)
-    labels_path = model_path.parent / "labels.txt"
-    num_classes = model.output_shape[-1]
-    if labels_path.is_file():
-        names = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
-        if len(names) != num_classes:
-            raise CLIError(
-                f"{labels_path} lists {len(names)} labels but the model has {num_classes} outputs."
-            )
-    else:
-        names = [str(i) for i in range(num_classes)]
-    return model, names
-
-
 def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
@@ -537,9 +484,11 @@ def _add_evaluate(subparsers) -> None:
 def _run_evaluate(args) -> int:
     import json
 
-    from keras_transfer import evaluation
+    from keras_transfer import evaluation, runs
 
-    model, names = _resolve_model(args.model)
+    run = runs.load_run(args.model)
+    model = run.model
+    names = run.class_names or [str(i) for i in range(model.output_shape[-1])]
     _, height, width, channels = model.input_shape
     ds, _, _, data_names = _load_data(
         args, image_size=(height, width), channels=channels, training=False
@@ -580,31 +529,20 @@ def _run_predict(args) -> int:
 
     if args.top_k < 1:
         raise CLIError(f"--top-k must be >= 1; got {args.top_k}.")
-    for path in args.images:
+    for path in args.images:  # before loading the model: a typo fails at once
         if not Path(path).is_file():
             raise CLIError(f"Image {path!r} does not exist.")
-    model, names = _resolve_model(args.model)
-    import numpy as np
-    import tensorflow as tf
+    from keras_transfer import inference, runs
 
-    _, height, width, channels = model.input_shape
-    images = []
-    for path in args.images:
-        try:
-            image = tf.io.decode_image(
-                tf.io.read_file(path), channels=channels, expand_animations=False
-            )
-        except tf.errors.InvalidArgumentError:
-            raise CLIError(f"{path!r} is not an image TensorFlow can decode.") from None
-        images.append(tf.image.resize(tf.cast(image, tf.float32), (height, width)))
-    probabilities = np.asarray(model.predict(tf.stack(images), verbose=0))
-    k = min(args.top_k, len(names))
-    for path, probs in zip(args.images, probabilities, strict=True):
-        top = np.argsort(-probs)[:k]
-        ranked = [{"label": names[i], "probability": float(probs[i])} for i in top]
-        if args.json:
-            print(json.dumps({"image": path, "top_k": ranked}))
+    run = runs.load_run(args.model)
+    results = inference.predict_files(run.model, args.images, top_k=args.top_k)
+    for path, result in zip(args.images, results, strict=True):
+        if "top_k" not in result:  # a regressor
+            print(json.dumps({"image": path, **result}) if args.json else f"{path}: {result}")
+        elif args.json:
+            print(json.dumps({"image": path, "top_k": result["top_k"]}))
         else:
+            ranked = result["top_k"]
             print(f"{path}: " + ", ".join(f"{r['label']} ({r['probability']:.3f})" for r in ranked))
     return 0
 
@@ -662,6 +600,8 @@ def _add_weights(subparsers) -> None:
 
 
 def _run_weights(args: argparse.Namespace) -> int:
+    import warnings
+
     from keras_transfer import weights
 
     try:
@@ -671,7 +611,21 @@ def _run_weights(args: argparse.Namespace) -> int:
                 args.arch, cache_dir=args.cache_dir, download_dir=args.download_dir
             )
         else:
-            paths = weights.import_torchvision(args.arch, args.path, cache_dir=args.cache_dir)
+            source = args.path or weights.find_checkpoint(args.arch)
+            if source is not None:
+                print(f"{source}: sha256 {weights.checkpoint_sha256(source)}", flush=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", weights.ChecksumWarning)
+                try:
+                    paths = weights.import_torchvision(
+                        args.arch, args.path, cache_dir=args.cache_dir
+                    )
+                finally:
+                    for w in caught:
+                        if issubclass(w.category, weights.ChecksumWarning):
+                            print(f"keras-transfer weights: warning: {w.message}", file=sys.stderr)
+                        else:
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except RuntimeError as error:
         raise CLIError(str(error)) from error
     for path in paths:
@@ -724,35 +678,26 @@ def _add_export(subparsers) -> None:
 
 
 def _read_labels(args) -> list[str] | None:
+    from pathlib import Path
+
+    from keras_transfer import runs
+
     if args.labels:
         return [label.strip() for label in args.labels.split(",")]
     if args.labels_file:
-        from pathlib import Path
-
-        path = Path(args.labels_file)
-        if not path.is_file():
+        if not Path(args.labels_file).is_file():
             raise CLIError(f"--labels-file {args.labels_file!r} does not exist.")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return runs.read_labels(args.labels_file)
     # `keras-transfer train` writes labels.txt beside model.keras: use it when it is there.
-    from pathlib import Path
-
-    beside = Path(args.model).parent / "labels.txt"
-    if beside.is_file():
-        return [line.strip() for line in beside.read_text().splitlines() if line.strip()]
-    return None
+    beside = runs.model_file(args.model).parent / runs.LABELS_FILE
+    return runs.read_labels(beside) if beside.is_file() else None
 
 
 def _run_export(args) -> int:
-    from pathlib import Path
+    from keras_transfer import export, runs
 
-    if not Path(args.model).is_file():
-        raise CLIError(f"Model file {args.model!r} does not exist. Pass a .keras file.")
     labels = _read_labels(args)
-    import keras
-
-    from keras_transfer import export  # importing keras_transfer registers its layers
-
-    model = keras.models.load_model(args.model)
+    model = runs.load_model(args.model, compile=True)
     options = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
     path = export.export_for_serving(
         model,
@@ -812,15 +757,9 @@ def _run_verify(args) -> int:
     if args.model:
         if not Path(args.model).is_file():
             raise CLIError(f"--model {args.model!r} does not exist.")
-        import keras
+        from keras_transfer import runs
 
-        import keras_transfer  # noqa: F401
-
-        try:
-            import keras_transfer.layers  # noqa: F401
-        except ImportError:
-            pass
-        model = keras.models.load_model(args.model)
+        model = runs.load_model(args.model, compile=True)
     return _verify_and_print(args.path, model)
 
 
@@ -840,6 +779,24 @@ def _add_serve(subparsers) -> None:
     parser.add_argument(
         "--versions", default=None, help="Comma-separated versions to load (default: highest)."
     )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 * 2**20,
+        help="Largest request body; longer ones get HTTP 413 unread (default 64 MiB).",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="Seconds a silent connection is kept before it is dropped (default 30).",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=256,
+        help="Most examples per predict request; more get HTTP 400 (default 256).",
+    )
     parser.set_defaults(func=_run_serve)
 
 
@@ -858,7 +815,16 @@ def _run_serve(args) -> int:
             ) from None
     from keras_transfer.serving import serve
 
-    serve(args.base_path, model_name=args.name, host=args.host, port=args.port, versions=versions)
+    serve(
+        args.base_path,
+        model_name=args.name,
+        host=args.host,
+        port=args.port,
+        versions=versions,
+        max_body_bytes=args.max_body_bytes,
+        timeout=args.timeout,
+        max_batch=args.max_batch,
+    )
     return 0
 
 

@@ -1,11 +1,17 @@
 """Tests for the `keras-transfer` train / evaluate / predict sub-commands."""
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import keras_transfer as kt
 from keras_transfer import cli
 
 TINY = ["--backbone", "mobilenet_v2", "--alpha", "0.35", "--weights", "none"]
@@ -43,6 +49,48 @@ def test_help_lists_the_sub_commands(capsys):
     out = capsys.readouterr().out
     for command in ("train", "evaluate", "predict"):
         assert command in out
+
+
+def _sub_commands(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [*prefix, name]
+                yield from _sub_commands(sub, [*prefix, name])
+
+
+def test_help_imports_neither_tensorflow_nor_keras():
+    """`--help` and every `SUB --help` answer without TensorFlow (times: benchmarks/startup.py)."""
+    commands = [[], *_sub_commands(cli.build_parser())]
+    assert ["train"] in commands and ["weights", "fetch"] in commands
+    code = (
+        "import sys, json\n"
+        "from keras_transfer import cli\n"
+        f"for argv in {commands!r}:\n"
+        "    try:\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, argv\n"
+        "print(json.dumps([m for m in ('tensorflow', 'keras') if m in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    root = Path(kt.__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+    assert result.stderr == ""  # no TensorFlow log lines
+
+
+def test_package_loads_public_names_lazily():
+    for name in kt.__all__:
+        assert getattr(kt, name) is not None, name
+    assert kt.build_classifier is kt.builders.build_classifier
+    assert "build_classifier" in dir(kt) and "runs" in dir(kt)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        kt.no_such_name  # noqa: B018
+    assert not hasattr(kt, "no_such_name")
 
 
 @pytest.mark.parametrize(
