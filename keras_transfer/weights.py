@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import pickle
+import pickletools
 import shutil
 import struct
 import subprocess
@@ -336,6 +337,32 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _load_record(
+    stream: io.BytesIO, load_storage: Callable[[np.dtype, str, int], _Storage] | None = None
+) -> tuple[Any, _RestrictedUnpickler]:
+    """Unpickles the record at `stream`'s position with `_RestrictedUnpickler`.
+
+    The record is first walked with `pickletools.genops`, which reads every opcode and argument
+    without building anything: a length that runs past the data, an unknown opcode or a memo
+    index beyond the record's size is refused there, before the unpickler could preallocate
+    what a corrupt length asks for (`BINBYTES8`, `BYTEARRAY8`, `LONG_BINPUT`).
+    """
+    start = stream.tell()
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+        if opcode.name in _MEMO_PUTS and arg > count:
+            raise ValueError(f"memo index {arg} is out of range at opcode {count}")
+    end = stream.tell()
+    stream.seek(start)
+    unpickler = _RestrictedUnpickler(stream, load_storage)
+    result = unpickler.load()
+    if stream.tell() != end:
+        raise ValueError("a pickle record does not end where its STOP opcode is")
+    return result, unpickler
+
+
 def _materialize(obj: Any) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise ValueError(
@@ -355,17 +382,16 @@ def _read_legacy(data: bytes) -> dict[str, np.ndarray]:
     # each preceded by its element count as a little-endian int64. Each record is unpickled
     # by its own restricted unpickler; only the state dict may refer to storages.
     stream = io.BytesIO(data)
-    if _RestrictedUnpickler(stream).load() != _LEGACY_MAGIC:
+    if _load_record(stream)[0] != _LEGACY_MAGIC:
         raise ValueError("not a torch checkpoint (bad magic number)")
-    protocol = _RestrictedUnpickler(stream).load()
+    protocol = _load_record(stream)[0]
     if protocol != _LEGACY_PROTOCOL:
         raise ValueError(f"unsupported legacy protocol version {protocol!r:.80}")
-    sys_info = _RestrictedUnpickler(stream).load()
+    sys_info = _load_record(stream)[0]
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise ValueError("big-endian checkpoints are unsupported")
-    unpickler = _RestrictedUnpickler(stream, lambda dtype, key, numel: _Storage(dtype, numel))
-    result = unpickler.load()
-    keys = _RestrictedUnpickler(stream).load()
+    result, unpickler = _load_record(stream, lambda dtype, key, numel: _Storage(dtype, numel))
+    keys = _load_record(stream)[0]
     if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
         raise ValueError("the storage keys record is not a list of strings")
     for key in keys:
@@ -382,19 +408,33 @@ def _read_legacy(data: bytes) -> dict[str, np.ndarray]:
     return _materialize(result)
 
 
-def _read_zip(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
+def _read_member(archive: zipfile.ZipFile, name: str, archive_size: int) -> bytes:
+    # Declared sizes bound what zipfile decompresses; refuse a zip bomb before inflating it.
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_EXPANSION * archive_size + 2**20:
+        raise ValueError(
+            f"zip member {name!r:.100} claims {info.file_size} bytes, over {_MAX_EXPANSION} "
+            f"times the {archive_size}-byte archive"
+        )
+    return archive.read(info)
+
+
+_MAX_EXPANSION = 100
+
+
+def _read_zip(archive: zipfile.ZipFile, archive_size: int) -> dict[str, np.ndarray]:
     # torch >= 1.6: <prefix>/data.pkl plus one raw file per storage at <prefix>/data/<key>.
     pkl = next(name for name in archive.namelist() if name.endswith("data.pkl"))
     prefix = pkl[: -len("data.pkl")]
 
     def load_storage(dtype: np.dtype, key: str, numel: int) -> _Storage:
         storage = _Storage(dtype, numel)
-        raw = archive.read(f"{prefix}data/{key}")
+        raw = _read_member(archive, f"{prefix}data/{key}", archive_size)
         storage.array = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
         return storage
 
-    unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl)), load_storage)
-    return _materialize(unpickler.load())
+    stream = io.BytesIO(_read_member(archive, pkl, archive_size))
+    return _materialize(_load_record(stream, load_storage)[0])
 
 
 # What malformed input raises inside the readers; each becomes one ValueError naming the file.
@@ -412,7 +452,6 @@ _READ_ERRORS = (
     OverflowError,
     RecursionError,
     NotImplementedError,
-    UnicodeDecodeError,
 )
 
 
@@ -426,17 +465,17 @@ def _unwrap(data: bytes, source: str) -> tuple[bytes, str]:
             if any(name.endswith("data.pkl") for name in names):
                 return data, source  # a zip-format checkpoint
             members = [name for name in names if name.endswith((".pth", ".pt"))]
-            if len(members) != 1:
-                raise ValueError(
-                    f"{source} is a zip archive holding {len(members)} `.pth` files "
-                    f"({members[:5]}); expected exactly one. Pass the `.pth` file itself."
-                )
-            return archive.read(members[0]), f"{source}!{members[0]}"
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as error:
+            if len(members) == 1:
+                return _read_member(archive, members[0], len(data)), f"{source}!{members[0]}"
+    except _READ_ERRORS as error:
         raise ValueError(
             f"Could not read {source} as a zip archive ({str(error).rstrip('.')}). Expected a "
             "`.pth` file (zip or legacy format) or a wheel/zip containing one."
         ) from error
+    raise ValueError(
+        f"{source} is a zip archive holding {len(members)} `.pth` files ({members[:5]}); "
+        "expected exactly one. Pass the `.pth` file itself."
+    )
 
 
 def _parse(data: bytes, source: str) -> dict[str, np.ndarray]:
@@ -444,7 +483,7 @@ def _parse(data: bytes, source: str) -> dict[str, np.ndarray]:
         if not data.startswith(_ZIP_MAGIC):
             return _read_legacy(data)
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            return _read_zip(archive)
+            return _read_zip(archive, len(data))
     except _READ_ERRORS as error:
         raise ValueError(
             f"Could not read {source} as a torch checkpoint ({str(error).rstrip('.')}). "

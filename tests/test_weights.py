@@ -226,6 +226,42 @@ def test_mismatched_checkpoint_names_file_layer_and_fix():
         weights._load_tensors_into(_tiny_model(), too_few, _TINY_ARCH, "tiny.pth")
 
 
+def test_cache_files_are_written_atomically(tmp_path, monkeypatch):
+    import h5py
+
+    model = _tiny_model()
+    target = tmp_path / "tiny.h5"
+    target.write_bytes(b"the previous file")
+    real_create = h5py.Group.create_dataset
+    calls = []
+
+    def failing_create(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_create(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing_create)
+    with pytest.raises(OSError, match="disk full"):
+        weights._write_legacy_h5(model, target, "torchvision:tiny.pth")
+    # Interrupted half-way: the old file is intact and no temporary file is left behind.
+    assert len(calls) == 3
+    assert target.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.h5"]
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", real_create)
+    weights._write_legacy_h5(model, target, "torchvision:tiny.pth")
+    weights._link_or_copy(target, tmp_path / "tiny_96.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.h5", "tiny_96.h5"]
+    with h5py.File(tmp_path / "tiny_96.h5") as f:
+        assert f.attrs[weights.MARKER_ATTR] == "torchvision:tiny.pth"
+    reloaded = _tiny_model()
+    reloaded.load_weights(tmp_path / "tiny_96.h5")
+    np.testing.assert_array_equal(
+        reloaded.get_layer("fc").kernel.numpy(), model.get_layer("fc").kernel.numpy()
+    )
+
+
 def test_unknown_arch_and_unsupported_alpha_are_clear():
     with pytest.raises(ValueError, match=r"resnet_50.*\['mobilenet_v2'\]"):
         weights.import_torchvision("resnet_50")
@@ -453,9 +489,12 @@ def test_cli_import_reports_bad_checkpoint_in_one_line(tmp_path, capsys):
     code = cli.main(["weights", "import-torchvision", "mobilenet_v2", str(bad)])
 
     assert code == 2
-    error = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    assert f"bad.pth: sha256 {weights.checkpoint_sha256(bad)}" in captured.out
+    # One warning line (not torchvision's digest), then the error in one line.
+    warning, error = captured.err.strip().splitlines()
+    assert warning.startswith("keras-transfer weights: warning:") and "SHA-256" in warning
     assert error.startswith("keras-transfer weights: error:") and "bad.pth" in error
-    assert "\n" not in error
 
 
 def test_cli_weights_help(capsys):
