@@ -647,7 +647,10 @@ def prepare(
     # Phase models belong to the strategy they are built under, like their variables.
     with (strategy or model.distribute_strategy).scope():
         split = split_model(model, cut_index, cut_indices=cut_indices)
-    head = heads.head_of(model)
+    try:
+        head = heads.head_of(model)
+    except ValueError:  # a head of the user's own: nothing to check the labels against
+        head = None
     budget = [DEFAULT_CACHE_BUDGET_BYTES if budget_bytes is None else budget_bytes]
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     # One traced forward function serves the training and the validation data.
@@ -729,7 +732,7 @@ def prepare(
                 augment_views=None,
             )
         caches = [c for c in (train_cache, val_cache) if c is not None]
-        phases.append(CachedPhase(phase_model, train, val, cut, caches, checked=True))
+        phases.append(CachedPhase(phase_model, train, val, cut, caches, checked=head is not None))
     return phases
 
 

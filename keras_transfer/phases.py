@@ -489,6 +489,18 @@ def _cached_phases(
     return {i: by_cut[cut] for i, cut in wanted.items()}
 
 
+def _readable_head(model: keras.Model, loss) -> heads.HeadSpec | None:
+    """The model's head; None for a model of the user's own whose head is unknown but whose
+    loss is given (then nothing is checked against the head)."""
+    try:
+        return heads.head_of(model)
+    except ValueError:
+        if loss is None:
+            raise
+        logger.info("The head of %r is unknown: its data is not checked.", model.name)
+        return None
+
+
 def _distinct(items) -> list:
     """`items` without repeats, by identity (phases may share one cache)."""
     return list({id(item): item for item in items}.values())
@@ -603,8 +615,8 @@ def fit_phases(
     # checkpointing module shuffles by (seed, epoch) itself and needs a fixed source order.
     train_data = _as_dataset(train_data, global_batch_size, shuffle=checkpointer is None)
     validation_data = _as_dataset(validation_data, global_batch_size)
-    head = heads.head_of(model)
-    if check_data:
+    head = _readable_head(model, loss)
+    if check_data and head is not None:
         datacheck.check_spec(head, train_data.element_spec, "train_data")
         if validation_data is not None:
             datacheck.check_spec(head, validation_data.element_spec, "validation_data")
@@ -634,7 +646,7 @@ def fit_phases(
     histories = []
     try:
         # A cached run checked its data while caching; the others check it in one pass now.
-        if check_data and not any(c.checked for c in cached.values()):
+        if check_data and head is not None and not any(c.checked for c in cached.values()):
             datacheck.check_dataset(head, train_data, "train_data")
             if validation_data is not None:
                 datacheck.check_dataset(head, validation_data, "validation_data")
