@@ -159,6 +159,20 @@ def test_tensor_views_are_checked_against_their_storage(size, stride, offset, me
         tensor.materialize()
 
 
+def test_keras_files_load_in_safe_mode(tmp_path):
+    # A Lambda layer carries Python bytecode; safe mode (Keras' default, which every .keras load
+    # in the package keeps) refuses to deserialize it.
+    from keras_transfer import runs
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
+    model.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        runs.load_model(tmp_path / "lambda.keras")
+    reloaded = keras.models.load_model(tmp_path / "lambda.keras", safe_mode=False)
+    np.testing.assert_allclose(reloaded(np.ones((1, 2), "float32")), [[2.0, 2.0]])
+
+
 # --- fuzz: mutated and truncated checkpoints ------------------------------------------------------
 
 FUZZ_EXAMPLES = 400  # per format: 1,200 in all
@@ -554,13 +568,17 @@ def test_serve_limits_are_validated_before_loading(tmp_path, kwargs, message):
         serving.serve(tmp_path, port=0, block=False, **kwargs)
 
 
-def test_cli_serve_passes_limits():
+def test_cli_serve_passes_limits(tmp_path, monkeypatch):
     from keras_transfer import cli
 
-    args = cli.build_parser().parse_args(
-        ["serve", "m", "--max-body-bytes", "1000", "--timeout", "2.5", "--max-batch", "8"]
-    )
-    assert (args.max_body_bytes, args.timeout, args.max_batch) == (1000, 2.5, 8)
-    defaults = cli.build_parser().parse_args(["serve", "m"])
-    assert defaults.max_body_bytes == serving.DEFAULT_MAX_BODY_BYTES == 64 * 2**20
-    assert defaults.timeout == serving.DEFAULT_TIMEOUT == 30.0
+    received = {}
+    monkeypatch.setattr(serving, "serve", lambda base, **kwargs: received.update(kwargs))
+    flags = ["--max-body-bytes", "1000", "--timeout", "2.5", "--max-batch", "8"]
+    assert cli.main(["serve", str(tmp_path), *flags]) == 0
+    limits = (received["max_body_bytes"], received["timeout"], received["max_batch"])
+    assert limits == (1000, 2.5, 8)
+
+    assert cli.main(["serve", str(tmp_path)]) == 0
+    assert received["max_body_bytes"] == serving.DEFAULT_MAX_BODY_BYTES == 64 * 2**20
+    assert received["timeout"] == serving.DEFAULT_TIMEOUT == 30.0
+    assert received["max_batch"] == serving.DEFAULT_MAX_BATCH
