@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -30,6 +31,7 @@ _SUBMODULES = (
     "checkpointing",
     "cli",
     "data",
+    "datacheck",
     "datasets",
     "distribute",
     "evaluation",
@@ -79,6 +81,13 @@ _LAZY.update(
 )
 
 __all__ = [
+    "CacheOptions",
+    "CheckpointOptions",
+    "Phase",
+    "datacheck",
+    "features",
+    "fit_phases",
+    "phases",
     "REGISTRY",
     "Backbone",
     "BackbonePreprocessing",
@@ -155,10 +164,34 @@ def __dir__() -> list[str]:
 
 
 # A `.keras` file holds `keras_transfer>BackbonePreprocessing`, which Keras finds only once
-# keras_transfer.layers has registered it. When Keras is already loaded that import is cheap, so
-# `import keras; import keras_transfer; keras.models.load_model(path)` keeps working.
+# keras_transfer.layers has registered it. When Keras is already loaded that import is cheap;
+# otherwise a one-shot import hook registers the layers right after Keras loads, so
+# `import keras_transfer; import keras; keras.models.load_model(path)` works in either order
+# while `import keras_transfer` alone still imports no TensorFlow.
+class _RegisterLayersAfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "keras":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        importlib.import_module("keras_transfer.layers")
+
+
 if "keras" in sys.modules:
     importlib.import_module("keras_transfer.layers")
+elif not any(isinstance(f, _RegisterLayersAfterKeras) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterLayersAfterKeras())
 
 if TYPE_CHECKING:  # for IDEs and type checkers; nothing here runs at import time
     from keras_transfer import (  # noqa: F401
