@@ -106,6 +106,10 @@ def extractor(model: keras.Model, at: str | Sequence[str] = POOLING_NAME) -> ker
     points = [at] if isinstance(at, str) else list(at)
     if not points:
         raise ValueError("`at` must name at least one point. Received: at=[]")
+    if at == LOGITS_NAME and not _has_layer(model, LOGITS_NAME):
+        from keras_transfer import heads
+
+        return heads.logits_model(model)  # a legacy head: the activation is fused
     start = _augmentation_output(model)
     x = keras.Input(shape=start.shape[1:], dtype=start.dtype, name="images")
     outputs = [_tensor_at(model, point, start)(x, training=False) for point in points]

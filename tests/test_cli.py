@@ -93,6 +93,25 @@ def test_package_loads_public_names_lazily():
     assert not hasattr(kt, "no_such_name")
 
 
+def test_plain_keras_loads_a_saved_model_after_a_lazy_import(tiny_model, tmp_path):
+    """`import keras_transfer` imports no Keras, yet registers its layers once Keras loads."""
+    path = tmp_path / "model.keras"
+    tiny_model.save(path)
+    code = (
+        "import sys, keras_transfer\n"
+        "assert 'keras' not in sys.modules\n"
+        "import keras\n"
+        f"model = keras.saving.load_model({str(path)!r})\n"
+        "print(type(model.get_layer('preprocessing')).__name__)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "BackbonePreprocessing"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
