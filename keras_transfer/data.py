@@ -260,6 +260,31 @@ def _check_arrays(x, y, num_classes: int | None):
     return x, y.astype("float32"), y.shape[-1]
 
 
+def _check_sample_weight(sample_weight, n: int) -> np.ndarray | None:
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight)
+    if w.dtype == object or not np.issubdtype(w.dtype, np.number) or w.dtype.kind == "c":
+        raise ValueError(
+            f"`sample_weight` must be real numbers, one per image. Received: dtype {w.dtype}"
+        )
+    w = w.astype("float32")
+    if w.shape != (n,):
+        raise ValueError(
+            f"`sample_weight` must have shape ({n},), one weight per image. Received: shape "
+            f"{w.shape}"
+        )
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        raise ValueError(
+            f"`sample_weight` must be finite and >= 0. Received: {w[bad][:5].tolist()} at "
+            f"indices {np.flatnonzero(bad)[:5].tolist()}"
+        )
+    if not (w > 0).any():
+        raise ValueError("`sample_weight` is all zeros: no example would train. Pass weights > 0.")
+    return w
+
+
 def from_arrays(
     x,
     y,
@@ -269,6 +294,7 @@ def from_arrays(
     validation_split: float | None = None,
     shuffle: bool = True,
     seed: int = 0,
+    sample_weight=None,
 ):
     """Builds datasets from in-memory images and labels.
 
@@ -280,13 +306,17 @@ def from_arrays(
         validation_split: Fraction held out for validation (stratified, seeded), or None.
         shuffle: Shuffle the training examples each epoch.
         seed: Seed of the split and of shuffling.
+        sample_weight: Optional per-example loss weights `(N,)` (e.g. from
+            `kt.importance_weights`): finite, >= 0, not all 0. The datasets then yield
+            `(images, labels, weights)` and Keras weights each example's loss by them (a
+            weight of 0 leaves the example out of the gradient).
 
     Returns:
         A dataset, or `(train, validation)`, each with `class_names`.
 
     Raises:
         ValueError: for mismatched lengths, NaN/inf pixels, mixed image shapes, labels out of
-            range or a single class.
+            range, a single class, or bad `sample_weight`.
 
     Example:
     >>> import numpy as np, keras_transfer as kt
@@ -299,10 +329,12 @@ def from_arrays(
     validation_split = _check_split(validation_split)
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
     _check_batch_size(batch_size, len(x))
+    w = _check_sample_weight(sample_weight, len(x))
     x = x.astype("float32", copy=False)
 
     def make(indices, training):
-        ds = tf.data.Dataset.from_tensor_slices((x[indices], y[indices]))
+        parts = (x[indices], y[indices]) + (() if w is None else (w[indices],))
+        ds = tf.data.Dataset.from_tensor_slices(parts)
         return _finish(ds, names, batch_size, shuffle and training, seed, len(indices))
 
     if validation_split is None:
