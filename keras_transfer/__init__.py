@@ -33,6 +33,7 @@ _SUBMODULES = (
     "data",
     "datacheck",
     "datasets",
+    "discrepancy",
     "distribute",
     "evaluation",
     "export",
@@ -45,6 +46,7 @@ _SUBMODULES = (
     "runs",
     "serving",
     "training",
+    "weighting",
     "weights",
 )
 _LAZY: dict[str, str] = {name: f"keras_transfer.{name}" for name in _SUBMODULES}
@@ -59,6 +61,8 @@ _LAZY.update(
         "build_classifier": "keras_transfer.builders",
         "build_regressor": "keras_transfer.builders",
         "make_strategy": "keras_transfer.distribute",
+        "domain_discrepancy": "keras_transfer.discrepancy",
+        "importance_weights": "keras_transfer.weighting",
         "evaluate": "keras_transfer.evaluation",
         "VerificationError": "keras_transfer.export",
         "export_for_serving": "keras_transfer.export",
@@ -97,7 +101,9 @@ __all__ = [
     "checkpointing",
     "data",
     "datasets",
+    "discrepancy",
     "distribute",
+    "domain_discrepancy",
     "evaluate",
     "evaluation",
     "make_strategy",
@@ -114,12 +120,14 @@ __all__ = [
     "head_of",
     "heads",
     "HeadSpec",
+    "importance_weights",
     "list_backbones",
     "logits_model",
     "single_tensor_cuts",
     "trainable_summary",
     "unfreeze",
     "unfreeze_points",
+    "weighting",
 ]
 
 
