@@ -1,10 +1,15 @@
-"""Checks a user's own training data against the model's head before the first optimizer step.
+"""Checks a user's own training data against the model's head, at almost no cost.
 
 `kt.data` refuses bad arrays and folders up front, but people with their own `tf.data` pipelines
 get nothing from it: a label outside the head's range fails mid-fit with a raw error from the loss
-op, and NaN pixels train silently. `fit_phases` (and so `fine_tune`) checks, before any weight
-changes: the label shape from the dataset's spec (free), and the label values and pixels in one
-pass over the data. A cached run does that pass while it caches, at no extra cost.
+op, and NaN pixels train silently. `fit_phases` (and so `fine_tune`) checks:
+
+- the label shape against the head, from the dataset's spec, before anything runs;
+- label values and pixels on every batch. A cached run checks them in its caching pass, before
+  any training. A plain run checks them in the input pipeline itself (`validating`, a `map` of a
+  few reductions per batch); the first bad batch stops the run before its step, the model's
+  weights are restored to where they were when training began, and the error names the value and
+  the fix (`raise_for`).
 """
 
 from __future__ import annotations
@@ -179,3 +184,53 @@ def raise_for(head: HeadSpec, label_spec, stats: DataStats, name: str) -> None:
     message = problem(head, label_spec, stats, name)
     if message is not None:
         raise ValueError(message)
+
+
+MARKER = "keras_transfer data check failed"
+
+
+def _batch_ok(head: HeadSpec, label_spec: tf.TensorSpec, images, labels) -> tf.Tensor:
+    """In-graph: whether a batch's labels and pixels fit the head (see `problem`)."""
+    ok = tf.constant(True)
+    if images.dtype.is_floating:
+        ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(images)))
+    values = tf.cast(labels, tf.float32)
+    ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(values)))
+    if head.kind == "regression":
+        return ok
+    safe = tf.where(tf.math.is_finite(values), values, tf.zeros_like(values))
+    if _label_form(head, label_spec) == "sparse":
+        in_range = tf.logical_and(safe >= 0, safe < head.num_outputs)
+        ok = tf.logical_and(ok, tf.reduce_all(tf.logical_and(in_range, safe == tf.round(safe))))
+    else:
+        ok = tf.logical_and(ok, tf.reduce_all(tf.logical_and(safe >= 0, safe <= 1)))
+    return ok
+
+
+def validating(head: HeadSpec, dataset: tf.data.Dataset, name: str) -> tf.data.Dataset:
+    """`dataset` with every batch checked as it is read: a bad one raises `InvalidArgumentError`
+    carrying `MARKER` before the step that would train on it. Order and contents are unchanged."""
+    label_spec = dataset.element_spec[1]
+
+    def check(images, labels, *rest):
+        ok = _batch_ok(head, label_spec, images, labels)
+        with tf.control_dependencies([tf.debugging.Assert(ok, [f"{MARKER} ({name})"])]):
+            return (tf.identity(images), labels, *rest)
+
+    return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def explain(head: HeadSpec, datasets: dict, error: Exception) -> ValueError:
+    """The `ValueError` for a batch `validating` refused: one full check finds what and where."""
+    for name, dataset in datasets.items():
+        if dataset is not None and f"({name})" in str(error):
+            try:
+                check_dataset(head, dataset, name)
+            except ValueError as found:
+                return found
+            return ValueError(
+                f"`{name}` gave a batch whose labels or pixels do not fit the {head.kind} head "
+                f"with {head.num_outputs} outputs, but a second pass found none: its pipeline is "
+                "random. Check the labels and pixels it produces."
+            )
+    return ValueError(str(error))

@@ -644,12 +644,16 @@ def fit_phases(
         strategy=strategy,
     )
     histories = []
+    # A cached run checked its data while caching; plain runs check each batch as it is read and
+    # roll the weights back if one is refused (kt.datacheck).
+    sources = {"train_data": train_data, "validation_data": validation_data}
+    validate = check_data and head is not None and not any(c.checked for c in cached.values())
+    if validate:
+        start_weights = model.get_weights()
+        train_data = datacheck.validating(head, train_data, "train_data")
+        if validation_data is not None:
+            validation_data = datacheck.validating(head, validation_data, "validation_data")
     try:
-        # A cached run checked its data while caching; the others check it in one pass now.
-        if check_data and head is not None and not any(c.checked for c in cached.values()):
-            datacheck.check_dataset(head, train_data, "train_data")
-            if validation_data is not None:
-                datacheck.check_dataset(head, validation_data, "validation_data")
         epoch = 0
         steps = steps_per_epoch(train_data)
         for i, phase in enumerate(phases):
@@ -697,6 +701,11 @@ def fit_phases(
                 if phase.regularizer is not None:
                     phase.regularizer.detach(model)
             histories.append((phase.name, history))
+    except tf.errors.InvalidArgumentError as error:
+        if not validate or datacheck.MARKER not in str(error):
+            raise
+        model.set_weights(start_weights)
+        raise datacheck.explain(head, sources, error) from None
     finally:
         for phase_cache in _distinct(cached.values()):
             phase_cache.close()
