@@ -577,7 +577,9 @@ def fit_phases(
             unfrozen and before it is compiled, under the strategy's scope.
         mixed_precision: None, or the policy the model must have been built with.
         jit_compile: XLA-compile the training steps (and the caching pass when True).
-        check_data: Check labels and pixels (`kt.datacheck`) before the first optimizer step.
+        check_data: Check labels and pixels against the head (`kt.datacheck`): a cached run
+            in its caching pass, before any training; a plain run batch by batch as the data is
+            read, stopping at the first bad batch with the weights restored to their start.
         verbose: Passed to `fit`.
 
     Returns:
@@ -588,8 +590,9 @@ def fit_phases(
         sizes and places.
 
     Raises:
-        ValueError: for bad phases, data whose labels or pixels do not fit the head, a strategy
-            mismatch or a bad `trainable`, before any training starts.
+        ValueError: for bad phases, a strategy mismatch, a bad `trainable` or labels whose
+            shape cannot fit the head, before any training starts; for labels or pixels that do
+            not fit the head (out of range, negative, non-finite), with the weights unchanged.
     """
     phases = _check_phases(phases)
     cache_options = CacheOptions.coerce(cache)
