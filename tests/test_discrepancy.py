@@ -257,3 +257,71 @@ def test_other_bad_arguments_are_refused(no_work):
         discrepancy.mmd(_normal(5), _normal(5), kernels=[1.0, -2.0])
     with pytest.raises(ValueError, match=r"`ft` holds NaN or inf in 1 row"):
         discrepancy.coral(_normal(5), np.r_[_normal(4), [[np.nan] * 8]])
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def _folder(root, low, high, seed):
+    """Two class folders of three 32x32 PNGs with pixels in [low, high)."""
+    rng = np.random.default_rng(seed)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            image = rng.integers(low, high, (32, 32, 3)).astype("uint8")
+            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    return root
+
+
+def test_cli_discrepancy_json_equals_the_library(tmp_path, capsys):
+    import json
+
+    import keras
+
+    from keras_transfer import cli
+
+    src = _folder(tmp_path / "src", 0, 80, seed=1)
+    tgt = _folder(tmp_path / "tgt", 170, 255, seed=2)
+    options = ["--weights", "none", "--image-size", "32", "--at", "block_5_add", "--n-boot", "3"]
+    assert cli.main(["discrepancy", str(src), str(tgt), *options, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["weights"] is None and printed["at"] == "block_5_add"
+    keras.utils.set_random_seed(0)
+    expected = kt.domain_discrepancy(
+        kt.data.from_folder(src, image_size=32, batch_size=6, shuffle=False),
+        kt.data.from_folder(tgt, image_size=32, batch_size=6, shuffle=False),
+        weights=None,
+        at="block_5_add",
+        n_boot=3,
+    )
+    assert printed["measures"] == {name: e._asdict() for name, e in expected.items()}
+    assert printed["measures"]["proxy_a_distance"]["value"] > 1.5
+
+
+def test_cli_discrepancy_prints_a_table_of_the_library_result(tmp_path, capsys, monkeypatch):
+    from keras_transfer import cli
+
+    src = _folder(tmp_path / "src", 0, 80, seed=1)
+    seen = {}
+
+    def fake(source, target, **kwargs):
+        seen.update(kwargs, source=source, target=target)
+        return {"mmd": discrepancy.Estimate(0.0123, 0.01, 0.015)}
+
+    monkeypatch.setattr(discrepancy, "domain_discrepancy", fake)
+    argv = ["discrepancy", str(src), str(src), "--weights", "none", "--image-size", "32"]
+    assert cli.main([*argv, "--methods", "mmd", "--n-boot", "7", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenet_v2 (weights=none) features at 'pooling', 32 px, 7 bootstrap" in out
+    assert "mmd" in out and "0.0123  [0.01, 0.015]" in out
+    assert seen["weights"] is None and seen["methods"] == ("mmd",)
+    assert (seen["n_boot"], seen["seed"], seen["backbone"]) == (7, 3, "mobilenet_v2")
+    assert seen["source"].element_spec[0].shape[1:] == (32, 32, 3)
+
+
+def test_cli_discrepancy_refuses_an_unknown_method_before_reading_data(capsys):
+    from keras_transfer import cli
+
+    code = cli.main(["discrepancy", "no/such/folder", "other", "--methods", "mdd"])
+    assert code == 2
+    assert "Unknown discrepancy method 'mdd'. Did you mean 'mmd'?" in capsys.readouterr().err
