@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it. Submodules map to themselves.
 _SUBMODULES = (
+    "adaptation",
     "backbones",
     "builders",
     "caching",
@@ -53,6 +54,7 @@ _LAZY: dict[str, str] = {name: f"keras_transfer.{name}" for name in _SUBMODULES}
 _LAZY.update(
     {
         "REGISTRY": "keras_transfer.backbones",
+        "adapt": "keras_transfer.adaptation",
         "Backbone": "keras_transfer.backbones",
         "get_backbone": "keras_transfer.backbones",
         "list_backbones": "keras_transfer.backbones",
@@ -85,6 +87,8 @@ _LAZY.update(
 )
 
 __all__ = [
+    "adapt",
+    "adaptation",
     "CacheOptions",
     "CheckpointOptions",
     "Phase",
@@ -203,6 +207,7 @@ elif not any(isinstance(f, _RegisterLayersAfterKeras) for f in sys.meta_path):
 
 if TYPE_CHECKING:  # for IDEs and type checkers; nothing here runs at import time
     from keras_transfer import (  # noqa: F401
+        adaptation,
         backbones,
         builders,
         caching,
@@ -219,6 +224,7 @@ if TYPE_CHECKING:  # for IDEs and type checkers; nothing here runs at import tim
         training,
         weights,
     )
+    from keras_transfer.adaptation import adapt  # noqa: F401
     from keras_transfer.backbones import (  # noqa: F401
         REGISTRY,
         Backbone,
