@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -23,24 +24,27 @@ from keras_transfer.export import (
 
 LABELS = ["cat", "dog", "fox"]
 SIZE = 32
+LEGACY_CLASSIFIER = Path(__file__).parent / "fixtures" / "legacy_classifier.keras"
+HEAD_OF_ACTIVATION = {"softmax": "classification", "sigmoid": "multi_label", "linear": "regression"}
 
 
-def tiny_model(activation: str = "softmax", units: int = 3, channels: int = 3) -> keras.Model:
-    """Input "images" -> Rescaling -> Conv2D -> pooling -> Dense "predictions"."""
+def tiny_model(
+    activation: str = "softmax", units: int = 3, channels: int = 3, logits: bool = False
+) -> keras.Model:
+    """Input "images" -> Rescaling -> Conv2D -> pooling -> head.
+
+    The head is a legacy `Dense "predictions"` with the activation fused in, or with `logits=True`
+    the current layout, `Dense "logits"` -> `Activation "predictions"`.
+    """
     inputs = keras.Input((SIZE, SIZE, channels), name="images")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
+    if logits:
+        x = keras.layers.Dense(units, name="logits")(x)
+        return keras.Model(inputs, keras.layers.Activation(activation, name="predictions")(x))
     outputs = keras.layers.Dense(units, activation=activation, name="predictions")(x)
     return keras.Model(inputs, outputs)
-
-
-def classifier() -> keras.Model:
-    try:
-        from keras_transfer.builders import build_classifier
-    except ImportError:  # builders not landed: the hand-built model has the same contract
-        return tiny_model()
-    return build_classifier("mobilenet_v2", 3, image_size=SIZE, weights=None, alpha=0.35)
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
@@ -55,15 +59,16 @@ def random_u8(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return classifier()
+def model(tiny_classifier):
+    return tiny_classifier
 
 
 @pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    base = tmp_path_factory.mktemp("models") / "pets"
-    path = export_for_serving(model, base, labels=LABELS, top_k=2, max_image_pixels=100_000)
-    return path, tf.saved_model.load(str(path))
+def exported(exported_classifier):
+    """The session's shared export (conftest): labels `LABELS`, top_k=2, 100,000 pixels at most."""
+    shared = exported_classifier
+    assert (shared.labels, shared.top_k, shared.max_image_pixels) == (tuple(LABELS), 2, 100_000)
+    return shared.path, tf.saved_model.load(str(shared.path))
 
 
 def call(loaded, signature: str, value):
@@ -116,7 +121,7 @@ def test_argument_errors(tmp_path):
         export_for_serving(tiny_model(), tmp_path / "m", version=0)
     inputs = keras.Input((8, 8, 3), name="images")
     no_head = keras.Model(inputs, keras.layers.Flatten()(inputs))
-    with pytest.raises(ValueError, match="predictions"):
+    with pytest.raises(ValueError, match="'predictions'.*pass `head='classification'`"):
         export_for_serving(no_head, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
@@ -235,9 +240,10 @@ def test_models_config_parses_with_official_protos(tmp_path):
         write_models_config(tmp_path / "x", [{"name": "p", "base_path": "/m"}] * 2)
 
 
+@pytest.mark.parametrize("logits", [False, True], ids=["fused", "logits"])
 @pytest.mark.parametrize("activation", ["sigmoid", "linear"])
-def test_multi_label_and_regression_heads(tmp_path, activation):
-    model = tiny_model(activation, units=4)
+def test_multi_label_and_regression_heads(tmp_path, activation, logits):
+    model = tiny_model(activation, units=4, logits=logits)
     path = export_for_serving(model, tmp_path / "m", warmup=False, save_keras=False, top_k=3)
     loaded = tf.saved_model.load(str(path))
     x = np.random.default_rng(4).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
@@ -321,3 +327,35 @@ def test_verify_without_model_loads_the_keras_copy(exported):
 def test_verify_errors_for_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
         verify_export(tmp_path)
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["fused", "logits"])
+def test_head_is_read_through_head_of_in_both_layouts(logits, monkeypatch):
+    kinds = {a: export.infer_head(tiny_model(a, logits=logits)) for a in HEAD_OF_ACTIVATION}
+    assert kinds == HEAD_OF_ACTIVATION
+    # `kt.head_of` is the only reader: what it says is what the export serves.
+    from keras_transfer import heads
+
+    regression = heads.HeadSpec("regression", 3, "logits", "predictions")
+    monkeypatch.setattr(heads, "head_of", lambda model: regression)
+    assert export.infer_head(tiny_model("softmax", logits=logits)) == "regression"
+
+
+@pytest.mark.slow
+def test_legacy_model_file_exports_and_verifies(tmp_path):
+    """A `.keras` file written before the logits layer existed (fused softmax `Dense`)."""
+    model = keras.models.load_model(LEGACY_CLASSIFIER)
+    assert isinstance(model.get_layer("predictions"), keras.layers.Dense)
+    assert "logits" not in [layer.name for layer in model.layers]
+    path = export_for_serving(model, tmp_path / "legacy", labels=LABELS)
+    spec = export.ExportSpec.read(path)
+    assert (spec.head, spec.labels) == ("classification", tuple(LABELS))
+    assert spec.outputs[:3] == ("probabilities", "class_ids", "classes")
+    x = np.stack([random_u8(SIZE, SIZE, seed=s) for s in (8, 9)]).astype(np.float32)
+    served = call(tf.saved_model.load(str(path)), "serving_default", x)["probabilities"]
+    np.testing.assert_allclose(served, model.predict(x, verbose=0), atol=1e-5, rtol=0)
+    # This MobileNet's float32 outputs differ by up to ~1.4e-5 between eager and graph execution.
+    report = verify_export(path, model, atol=1e-4)
+    assert report["keras_blocked"] is True and not report["failures"]
+    assert all(case["status"] in ("ok", "refused as expected") for case in report["cases"])
+    assert report["warmup"] == "2 requests replayed"

@@ -23,10 +23,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import keras_transfer as kt
 from keras_transfer import serving
 
-MAX_PIXELS = 250_000
+# What the session's shared export (conftest `exported_classifier`) serves.
+MODEL_NAME = "pets"
+MAX_PIXELS = 100_000
+TOP_K = 2
 FUZZ_INPUTS = 1200
 NUM_CLASSES = 3
 FORMATS = ("jpeg", "png", "gif", "bmp", "webp")
@@ -92,15 +94,11 @@ def fuzz_inputs(seed: int, count: int):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    model = kt.build_classifier(
-        "mobilenet_v2", NUM_CLASSES, image_size=32, weights=None, alpha=0.35
-    )
-    base = tmp_path_factory.mktemp("fuzz") / "tiny"
-    path = kt.export_for_serving(
-        model, base, labels=["a", "b", "c"], max_image_pixels=MAX_PIXELS, warmup=False
-    )
-    return base, path
+def exported(exported_classifier):
+    shared = exported_classifier
+    assert (shared.name, shared.max_image_pixels, shared.top_k) == (MODEL_NAME, MAX_PIXELS, TOP_K)
+    assert len(shared.labels) == NUM_CLASSES
+    return shared.base, shared.path
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +112,7 @@ def _check_outputs(outputs, n: int) -> None:
     assert np.isfinite(probabilities).all()
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-4)
     assert outputs["class_ids"].numpy().shape == (n,)
-    assert outputs["top_k_classes"].numpy().shape == (n, NUM_CLASSES)
+    assert outputs["top_k_classes"].numpy().shape == (n, TOP_K)
 
 
 def test_fuzzed_bytes_give_outputs_or_invalid_argument(serve_bytes):
@@ -151,7 +149,7 @@ def test_batches_empty_and_mixed(serve_bytes):
 def test_decoded_size_cap_message(serve_bytes):
     rng = np.random.default_rng(3)
     big = encode(rng, "png", 600, 600)  # 360,000 pixels > MAX_PIXELS, small file
-    with pytest.raises(tf.errors.InvalidArgumentError, match="decoded-size limit of 250000"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"decoded-size limit of {MAX_PIXELS}"):
         serve_bytes(image_bytes=tf.constant([big], tf.string))
 
 
@@ -205,14 +203,14 @@ def _bad_requests(rng: np.random.Generator):
     for kind, data in fuzz_inputs(seed=4, count=160):
         if kind == "valid":
             continue
-        body = serving.Client("http://x", "tiny").build_predict_request(
+        body = serving.Client("http://x", MODEL_NAME).build_predict_request(
             inputs={"image_bytes": [data]}, signature_name="serve_bytes"
         )
         yield f"fuzzed {kind}", json.dumps(body).encode()
 
 
 def test_server_answers_bad_requests_with_400_and_stays_up(server):
-    url = f"{server.url}/v1/models/tiny:predict"
+    url = f"{server.url}/v1/models/{MODEL_NAME}:predict"
     statuses: dict[int, int] = {}
     for description, body in _bad_requests(np.random.default_rng(5)):
         status, answer = _post(url, body)
@@ -225,13 +223,13 @@ def test_server_answers_bad_requests_with_400_and_stays_up(server):
                 description
             )
     assert statuses.get(400, 0) >= 100
-    client = serving.Client(server.url, "tiny")
+    client = serving.Client(server.url, MODEL_NAME)
     valid = encode(np.random.default_rng(6), "jpeg", 32, 32)
     assert len(client.predict_bytes([valid])["probabilities"]) == 1
 
 
 def test_concurrent_requests_match_sequential(server):
-    client = serving.Client(server.url, "tiny")
+    client = serving.Client(server.url, MODEL_NAME)
     rng = np.random.default_rng(7)
     images = [encode(rng, FORMATS[i % len(FORMATS)], 24 + i % 9, 30) for i in range(50)]
     expected = [client.predict_bytes([image])["probabilities"] for image in images]

@@ -454,12 +454,10 @@ def test_bad_input_fails_fast_and_clearly(case, tmp_path, monkeypatch):
             assert _trainable_flags(ctx.model) == before_trainable, "layers were (un)frozen"
 
 
-@pytest.mark.slow
-def test_uncompiled_model_exports(tmp_path):
+def test_uncompiled_model_exports(exported_classifier):
     """Exporting an uncompiled model is allowed: serving needs neither optimizer nor loss."""
-    model = kt.build_classifier("mobilenet_v2", 3, **TINY)
+    model, path = exported_classifier.model, exported_classifier.path  # conftest's shared export
     assert not model.compiled
-    path = kt.export_for_serving(model, tmp_path / "flowers", warmup=False)
     loaded = tf.saved_model.load(str(path))
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     out = loaded.signatures["serving_default"](images=tf.constant(images))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import urllib.error
 import urllib.request
 
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_transfer.export import export_for_serving
 from keras_transfer.serving import Client, ServingError, serve
 
 SIZE = 24
@@ -38,15 +38,17 @@ def jpeg(h: int, w: int, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(exported_classifier):
+    return exported_classifier.model
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def server(exported_classifier, tmp_path_factory):
+    """Versions 1 and 2 of "pets": two copies of the session's shared export (conftest)."""
+    assert (exported_classifier.labels, exported_classifier.top_k) == (tuple(LABELS), 2)
     base = tmp_path_factory.mktemp("serving") / "pets"
-    export_for_serving(model, base, labels=LABELS, top_k=2, save_keras=False)
-    export_for_serving(model, base, labels=LABELS, top_k=2, save_keras=False)
+    for version in ("1", "2"):
+        shutil.copytree(exported_classifier.path, base / version)
     running = serve(base, port=0, block=False, versions=[1, 2], labels={"stable": 1})
     yield running
     running.shutdown()
@@ -96,7 +98,8 @@ def test_status_and_metadata(client):
 
 
 def test_predict_row_and_columnar_floats_match_model(client, model):
-    x = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    shape = (2, *model.input_shape[1:])
+    x = np.random.default_rng(1).uniform(0, 255, shape).astype(np.float32)
     expected = model.predict(x, verbose=0)
     rows = client.predict(list(x))
     assert [r["classes"] for r in rows] == [LABELS[i] for i in expected.argmax(-1)]
@@ -160,10 +163,10 @@ def test_serve_refuses_empty_folder(tmp_path):
         serve(tmp_path, port=0, block=False)
 
 
-def test_cli_export_verify_serve_parse(tmp_path, model):
+def test_cli_export_verify_serve_parse(tmp_path):
     from keras_transfer import cli
 
-    model.save(tmp_path / "m.keras")
+    tiny_model().save(tmp_path / "m.keras")
     code = cli.main(
         [
             "export",

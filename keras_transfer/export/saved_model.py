@@ -113,8 +113,8 @@ def export_for_serving(
         version: The integer version; `None` takes the next one after the highest present.
         labels: One label per class; defaults to `"0"`, `"1"`, ... Not for regressors.
         top_k: How many classes `top_k_classes` / `top_k_scores` hold (capped at the class count).
-        head: `"classification"`, `"multi_label"` or `"regression"`; `None` infers it from the
-            activation of the layer named "predictions".
+        head: `"classification"`, `"multi_label"` or `"regression"`; `None` reads it with
+            `kt.head_of` (the activation of the layer named "predictions").
         threshold: Multi-label decision threshold for the `over_threshold` output.
         image_size: `(height, width)` to resize to, only needed when the model accepts any size.
         max_image_pixels: Largest `height * width` that `serve_bytes` will decode.

@@ -25,10 +25,11 @@ KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
-_ACTIVATION_TO_HEAD = {
-    "softmax": "classification",
-    "sigmoid": "multi_label",
-    "linear": "regression",
+# `kt.head_of`'s kinds in the words of the export's `head=` argument and metadata.
+HEAD_OF_KIND = {
+    "multiclass": "classification",
+    "multilabel": "multi_label",
+    "regression": "regression",
 }
 
 
@@ -114,7 +115,11 @@ def _check_model(model: Any, image_size: Sequence[int] | None) -> tuple[tuple[in
 
 
 def infer_head(model: Any) -> str:
-    """The kind of head a model ends in, from its final Dense layer named "predictions".
+    """The kind of head a model ends in, in the export's words, read by `kt.head_of`.
+
+    Both layouts `kt.head_of` reads are understood: `Dense "logits"` -> `Activation
+    "predictions"` (models built now) and a `Dense "predictions"` with the activation fused in
+    (models saved before the logits layer existed).
 
     Args:
         model: A `keras.Model` built by `kt.build_classifier` or `kt.build_regressor`.
@@ -123,26 +128,19 @@ def infer_head(model: Any) -> str:
         `"classification"` (softmax), `"multi_label"` (sigmoid) or `"regression"` (linear).
 
     Raises:
-        ValueError: When there is no layer named "predictions" or its activation is another one.
+        ValueError: When the model has no layer named "predictions" or its activation is
+            another one.
     """
-    import keras
+    from keras_transfer.heads import head_of
 
     try:
-        layer = model.get_layer("predictions")
-    except ValueError:
+        kind = head_of(model).kind
+    except ValueError as error:
         raise ValueError(
-            "`model` has no layer named 'predictions', so the kind of head is unknown. Pass "
-            "`head='classification'`, `'multi_label'` or `'regression'`."
+            f"{error} To export it anyway, pass `head='classification'`, `'multi_label'` or "
+            "`'regression'`."
         ) from None
-    activation = keras.activations.serialize(getattr(layer, "activation", None))
-    if isinstance(activation, dict):
-        activation = activation.get("config", {}).get("name", activation.get("class_name"))
-    if activation not in _ACTIVATION_TO_HEAD:
-        raise ValueError(
-            f"The 'predictions' layer has activation {activation!r}; expected one of "
-            f"{sorted(_ACTIVATION_TO_HEAD)}. Pass `head=` explicitly."
-        )
-    return _ACTIVATION_TO_HEAD[activation]
+    return HEAD_OF_KIND[kind]
 
 
 def _output_names(head: str) -> tuple[str, ...]:

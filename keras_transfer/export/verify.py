@@ -128,7 +128,9 @@ def verification_cases(spec: ExportSpec, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def _expected_outputs(model: Any, spec: ExportSpec, cases: list[dict]) -> list[dict | None]:
+def _expected_outputs(
+    model: Any, spec: ExportSpec, cases: list[dict], atol: float = 1e-5
+) -> list[dict | None]:
     """Runs each case eagerly through the same functions the SavedModel was traced from."""
     import tensorflow as tf
 
@@ -145,7 +147,7 @@ def _expected_outputs(model: Any, spec: ExportSpec, cases: list[dict]) -> list[d
     # The pipeline must agree with the model itself on pixels it needs no resizing for.
     direct = np.asarray(model.predict(cases[0]["inputs"]["images"], verbose=0), np.float32)
     first = expected[0]["predictions" if spec.head == "regression" else "probabilities"]
-    if not np.allclose(first, direct, atol=1e-5, rtol=0):
+    if not np.allclose(first, direct, atol=atol, rtol=0):
         raise VerificationError(
             "The serving pipeline disagrees with `model.predict` on model-size pixels "
             f"(max difference {np.max(np.abs(first - direct)):.3g})."
@@ -196,7 +198,8 @@ def verify_export(
         version_dir: The version folder, e.g. `"saved_models/flowers/3"`.
         model: The Keras model for the expected outputs; `None` loads `model.keras` from the
             version folder.
-        atol: Largest absolute difference allowed for float outputs.
+        atol: Largest absolute difference allowed for float outputs, between the SavedModel and
+            the Keras model and between the serving pipeline and `model.predict`.
         timeout: Seconds before the clean process is abandoned.
 
     Returns:
@@ -233,7 +236,7 @@ def verify_export(
         model = keras.models.load_model(keras_file)
     start = time.perf_counter()
     cases = verification_cases(spec)
-    expected = _expected_outputs(model, spec, cases)
+    expected = _expected_outputs(model, spec, cases, atol)
     with tempfile.TemporaryDirectory(prefix="kt-verify-") as work:
         work = Path(work)
         arrays: dict[str, np.ndarray] = {}
