@@ -103,9 +103,9 @@ class Phase:
         schedule: After warm-up, `"constant"` or `"cosine"` (decay to 0 by the phase's end).
         callbacks: Keras callbacks for this phase only (added to `fit_phases`' callbacks).
         train_batchnorm: Also train the BatchNorm layers of the trainable part.
-        regularizer: An object with `attach(model)` and `detach(model)` (e.g.
-            `kt.regularizers.L2SP`), attached when the phase begins and detached when it ends,
-            so the saved model carries no trace of it.
+        regularizer: `"l2"`, `"l2sp"` or an object with `attach(model)` and `detach(model)`
+            (e.g. `kt.regularizers.L2SP(alpha=0.1)`), attached when the phase begins and
+            detached when it ends, so the saved model carries no trace of it.
 
     Raises:
         ValueError: for an empty name, negative epochs, a learning rate <= 0, an unknown
@@ -156,6 +156,10 @@ class Phase:
                 f"schedule={self.schedule!r}"
             )
         object.__setattr__(self, "callbacks", tuple(self.callbacks or ()))
+        if isinstance(self.regularizer, str):
+            from keras_transfer import regularizers
+
+            object.__setattr__(self, "regularizer", regularizers.get(self.regularizer))
         if self.regularizer is not None and not (
             callable(getattr(self.regularizer, "attach", None))
             and callable(getattr(self.regularizer, "detach", None))
@@ -528,6 +532,52 @@ def _check_phases(phases) -> list[Phase]:
     return phases
 
 
+@dataclass
+class _Run:
+    """What every phase of one `fit_phases` call shares, and how one phase runs."""
+
+    model: keras.Model
+    strategy: tf.distribute.Strategy
+    checkpointer: checkpointing.Checkpointer | None
+    compile_kwargs: dict
+    fit_kwargs: dict
+    callbacks: list
+    on_phase_begin: Callable | None
+    steps: int | None
+
+    def phase(self, phase: Phase, first_epoch: int, cached, train_data, validation_data):
+        """Unfreezes, hooks, attaches the regularizer, compiles and fits `phase`."""
+        model = self.model
+        _set_trainable(model, phase)
+        with self.strategy.scope():
+            if self.on_phase_begin is not None:
+                self.on_phase_begin(model, phase)
+            if phase.regularizer is not None:
+                phase.regularizer.attach(model)
+        rate = _phase_learning_rate(phase, self.steps)
+        try:
+            return _fit_one(
+                model,
+                cached,
+                train_data,
+                validation_data,
+                optimizer=lambda: make_optimizer(phase.optimizer, rate, model),
+                strategy=self.strategy,
+                compile_kwargs=self.compile_kwargs,
+                # Data reaches fit as tf.data, shuffled (or not) by its source.
+                fit_kwargs=dict(
+                    self.fit_kwargs,
+                    callbacks=[*self.callbacks, *phase.callbacks],
+                    initial_epoch=first_epoch,
+                    epochs=first_epoch + phase.epochs,
+                ),
+                checkpoint=(self.checkpointer, phase.name),
+            )
+        finally:
+            if phase.regularizer is not None:
+                phase.regularizer.detach(model)
+
+
 def fit_phases(
     model: keras.Model,
     phases: Sequence[Phase],
@@ -656,54 +706,31 @@ def fit_phases(
         train_data = datacheck.validating(head, train_data, "train_data")
         if validation_data is not None:
             validation_data = datacheck.validating(head, validation_data, "validation_data")
+    run = _Run(
+        model,
+        strategy,
+        checkpointer,
+        compile_kwargs=dict(loss=loss, metrics=metrics, jit_compile=jit_compile),
+        fit_kwargs=dict(class_weight=class_weight, verbose=verbose, shuffle=False),
+        callbacks=callbacks,
+        on_phase_begin=on_phase_begin,
+        steps=steps_per_epoch(train_data),
+    )
     try:
         epoch = 0
-        steps = steps_per_epoch(train_data)
         for i, phase in enumerate(phases):
             first, epoch = epoch, epoch + phase.epochs
-            if not phase.epochs or (checkpointer and checkpointer.skips(model, phase.name)):
-                continue
-            _set_trainable(model, phase)
-            with strategy.scope():
-                if on_phase_begin is not None:
-                    on_phase_begin(model, phase)
-                if phase.regularizer is not None:
-                    phase.regularizer.attach(model)
-            logger.info(
-                "Phase %d/%d %r: %d epochs, trainable=%r.",
-                i + 1,
-                len(phases),
-                phase.name,
-                phase.epochs,
-                phase.trainable,
-            )
-            rate = _phase_learning_rate(phase, steps)
-            try:
-                history = _fit_one(
-                    model,
-                    cached.get(i),
-                    train_data,
-                    validation_data,
-                    optimizer=lambda phase=phase, rate=rate: make_optimizer(
-                        phase.optimizer, rate, model
-                    ),
-                    strategy=strategy,
-                    compile_kwargs=dict(loss=loss, metrics=metrics, jit_compile=jit_compile),
-                    # Data reaches fit as tf.data, shuffled (or not) by its source.
-                    fit_kwargs=dict(
-                        callbacks=[*callbacks, *phase.callbacks],
-                        class_weight=class_weight,
-                        verbose=verbose,
-                        shuffle=False,
-                        initial_epoch=first,
-                        epochs=epoch,
-                    ),
-                    checkpoint=(checkpointer, phase.name),
+            if phase.epochs and not (checkpointer and checkpointer.skips(model, phase.name)):
+                logger.info(
+                    "Phase %d/%d %r: %d epochs, trainable=%r.",
+                    i + 1,
+                    len(phases),
+                    phase.name,
+                    phase.epochs,
+                    phase.trainable,
                 )
-            finally:
-                if phase.regularizer is not None:
-                    phase.regularizer.detach(model)
-            histories.append((phase.name, history))
+                history = run.phase(phase, first, cached.get(i), train_data, validation_data)
+                histories.append((phase.name, history))
     except tf.errors.InvalidArgumentError as error:
         if not validate or datacheck.MARKER not in str(error):
             raise

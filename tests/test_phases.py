@@ -152,7 +152,10 @@ def test_bad_phase_lists_are_refused_before_training(tiny_model, images):
     with pytest.raises(ValueError, match="Nothing to train"):
         kt.fit_phases(tiny_model, [kt.Phase("a", 0)], (x, y), verbose=0)
     with pytest.raises(TypeError, match="regularizer"):
+        kt.Phase("a", 1, regularizer=0.01)
+    with pytest.raises(ValueError, match="'l3'"):
         kt.Phase("a", 1, regularizer="l3")
+    assert isinstance(kt.Phase("a", 1, regularizer="l2sp").regularizer, kt.regularizers.L2SP)
     with pytest.raises(TypeError, match="non-empty list of kt.Phase"):
         kt.fit_phases(tiny_model, [], (x, y), verbose=0)
     assert not tiny_model.compiled
