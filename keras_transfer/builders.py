@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_transfer._validate import image_hw
+from keras_transfer._validate import check_int, image_hw
 from keras_transfer.backbones import Backbone, get_backbone
 from keras_transfer.freezing import freeze_batchnorm
 
@@ -278,10 +278,7 @@ def build_classifier(
     >>> model.output_shape
     (None, 3)
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(
-            f"`num_classes` must be a positive int. Received: num_classes={num_classes!r}"
-        )
+    check_int("num_classes", num_classes, minimum=1)
     if num_classes < 2 and not multi_label:
         raise ValueError(
             "`num_classes` must be at least 2 for a softmax classifier (one class always gets "
@@ -344,8 +341,7 @@ def build_regressor(
     >>> model.output_shape
     (None, 1)
     """
-    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
-        raise ValueError(f"`outputs` must be a positive int. Received: outputs={outputs!r}")
+    check_int("outputs", outputs, minimum=1)
     with dtype_policy(dtype):
         inputs, x, spec = _backbone_features(
             backbone,

@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import datacheck, distribute, features, freezing, heads
+from keras_transfer._validate import check_int
 from keras_transfer.backbones import single_tensor_cuts
 
 logger = logging.getLogger(__name__)
@@ -121,20 +122,20 @@ def check_cache_arguments(cache, augment_views, budget_bytes) -> None:
             f"`cache` must be 'auto', True or False. Received: cache={cache!r}. 'auto' caches "
             "whenever the phase allows it."
         )
-    if augment_views is not None and (
-        isinstance(augment_views, bool) or not isinstance(augment_views, int) or augment_views < 1
-    ):
-        raise ValueError(
-            "`augment_views` must be None or an int >= 1 (augmented views cached per image). "
-            f"Received: augment_views={augment_views!r}"
-        )
-    if budget_bytes is not None and (
-        isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0
-    ):
-        raise ValueError(
-            "`cache_budget_bytes` must be an int >= 0 (0 keeps every cache on disk). "
-            f"Received: cache_budget_bytes={budget_bytes!r}"
-        )
+    check_int(
+        "augment_views",
+        augment_views,
+        minimum=1,
+        allow_none=True,
+        hint="It is the number of augmented views cached per image",
+    )
+    check_int(
+        "cache_budget_bytes",
+        budget_bytes,
+        minimum=0,
+        allow_none=True,
+        hint="0 keeps every cache on disk",
+    )
 
 
 def augmentation_layer(model: keras.Model) -> keras.layers.Layer | None:

@@ -32,6 +32,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer._validate import check_int
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -54,15 +56,13 @@ def check_arguments(checkpoint_dir, every, seed) -> None:
             f"`checkpoint_dir` {str(checkpoint_dir)!r} exists and is not a folder. Pass a folder "
             "path (it is created if missing)."
         )
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(
-            "`checkpoint_every` must be a positive int (optimizer steps between checkpoints). "
-            f"Received: checkpoint_every={every!r}. E.g. checkpoint_every=100."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(
-            f"`checkpoint_seed` must be an int >= 0. Received: checkpoint_seed={seed!r}"
-        )
+    check_int(
+        "checkpoint_every",
+        every,
+        minimum=1,
+        hint="It counts optimizer steps between checkpoints, e.g. checkpoint_every=100",
+    )
+    check_int("checkpoint_seed", seed, minimum=0)
 
 
 def write_checkpoint(directory: str | os.PathLike, state: dict, model, optimizer) -> Path:

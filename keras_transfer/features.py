@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import freezing
+from keras_transfer._validate import check_int
 from keras_transfer.heads import AUGMENTATION_NAME, LOGITS_NAME, POOLING_NAME
 
 BACKBONE = "backbone"
@@ -209,8 +210,7 @@ def extract(
     >>> kt.features.extract(model, np.zeros((3, 32, 32, 3), "float32")).shape
     (3, 1280)
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1. Received: batch_size={batch_size!r}")
+    check_int("batch_size", batch_size, minimum=1)
     network = extractor(model, at)
     batches, has_labels = _as_batches(data, batch_size)
     forward = forward_fn(network)

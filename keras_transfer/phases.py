@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 
 from keras_transfer import _compat, caching, checkpointing, datacheck, freezing, heads
+from keras_transfer._validate import check_int, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ HEAD_ONLY = None
 
 
 def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(
             f"`{name}` must be a positive number. Received: {name}={value!r}. "
             "Typical values: 1e-3 for the head, 1e-4 to 1e-5 for fine-tuning."
@@ -54,9 +55,7 @@ def _positive_number(name: str, value) -> float:
 
 
 def _epochs(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0. Received: {name}={value!r}")
-    return value
+    return check_int(name, value, minimum=0)
 
 
 def unfreeze_kwargs(spec) -> dict | None:
@@ -145,7 +144,7 @@ class Phase:
                 f"Received: optimizer={self.optimizer!r}"
             )
         warmup = self.warmup_epochs
-        if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not warmup >= 0:
+        if not is_number(warmup) or not warmup >= 0:
             raise ValueError(
                 f"Phase {self.name!r}: `warmup_epochs` must be a number >= 0. Received: "
                 f"warmup_epochs={warmup!r}"
