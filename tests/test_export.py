@@ -140,6 +140,10 @@ def test_signatures_accept_any_size_greyscale_and_rgb(exported):
         assert [c.decode() for c in out["top_k_classes"][:, 0]] == [LABELS[i] for i in ids]
     with pytest.raises(tf.errors.InvalidArgumentError, match="channels"):
         call(loaded, "serving_default", np.zeros((1, SIZE, SIZE, 2), np.float32))
+    # An empty batch is answered with empty outputs (oneDNN's convolutions fail on one).
+    empty = call(loaded, "serving_default", np.zeros((0, SIZE, SIZE, 3), np.float32))
+    assert empty["probabilities"].shape == (0, 3) and empty["classes"].shape == (0,)
+    assert call(loaded, "serve_bytes", np.array([], object))["top_k_scores"].shape == (0, 2)
 
 
 def test_outputs_equal_model_predict_on_the_same_decoded_pixels(exported, model):

@@ -190,6 +190,22 @@ def _head_outputs(predictions, spec: ExportSpec) -> dict[str, Any]:
     return outputs
 
 
+def _predict(model: Any, pixels):
+    """`model(pixels)` as float32; an empty batch gets an empty answer without running the model.
+
+    With oneDNN on (TensorFlow's default on x86 CPUs), a graph-mode convolution fed zero images
+    returns a tensor of its input's shape, and the next layer then fails on that shape.
+    """
+    import tensorflow as tf
+
+    units = int(model.outputs[0].shape[-1])
+    return tf.cond(
+        tf.shape(pixels)[0] > 0,
+        lambda: tf.cast(model(pixels, training=False), tf.float32),
+        lambda: tf.zeros([0, units], tf.float32),
+    )
+
+
 def make_serving_functions(model: Any, spec: ExportSpec) -> dict[str, Any]:
     """The Python functions behind each signature, keyed by signature name.
 
@@ -207,11 +223,11 @@ def make_serving_functions(model: Any, spec: ExportSpec) -> dict[str, Any]:
 
     def serve_images(images):
         pixels = prepare_pixels(images, spec.image_size, spec.channels)
-        return _head_outputs(model(pixels, training=False), spec)
+        return _head_outputs(_predict(model, pixels), spec)
 
     def serve_bytes(image_bytes):
         pixels = decode_images(image_bytes, spec.image_size, spec.channels, spec.max_image_pixels)
-        return _head_outputs(model(pixels, training=False), spec)
+        return _head_outputs(_predict(model, pixels), spec)
 
     return {SERVING_DEFAULT: serve_images, SERVE_BYTES: serve_bytes}
 
