@@ -44,6 +44,8 @@ _SUBMODULES = (
     "inference",
     "layers",
     "phases",
+    "ranking",
+    "regularizers",
     "runs",
     "serving",
     "training",
@@ -83,6 +85,7 @@ _LAZY.update(
         "head_of": "keras_transfer.heads",
         "HeadSpec": "keras_transfer.heads",
         "logits_model": "keras_transfer.heads",
+        "rank_backbones": "keras_transfer.ranking",
     }
 )
 
@@ -127,6 +130,9 @@ __all__ = [
     "importance_weights",
     "list_backbones",
     "logits_model",
+    "rank_backbones",
+    "ranking",
+    "regularizers",
     "single_tensor_cuts",
     "trainable_summary",
     "unfreeze",

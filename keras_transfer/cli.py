@@ -946,6 +946,102 @@ def _run_discrepancy(args) -> int:
     return 0
 
 
+# --- rank -----------------------------------------------------------------------------------------
+
+
+def _add_rank(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rank",
+        help="Which backbone to fine-tune: LogME, LEEP or NCE from one forward pass each.",
+        description=(
+            "Score each candidate on labelled target images without training "
+            "(kt.rank_backbones) and print them best first. A candidate is a registry name "
+            "(its pooled features), NAME:LAYER (the activations at a backbone layer, pooled), "
+            "or a run folder / .keras file (a trained model; PATH:LAYER works too). LEEP and "
+            "NCE score a model's own predictions, so they take models only."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  keras-transfer rank photos/ --candidates mobilenet_v2 "
+            "mobilenet_v2:block_13_expand_relu --image-size 96\n"
+            "  keras-transfer rank fashion_mnist --per-class 20 --candidates runs/a runs/b "
+            "--method leep --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_options(parser, split_default="test")
+    parser.add_argument(
+        "--candidates", nargs="+", required=True, help="Registry names, NAME:LAYER or models."
+    )
+    parser.add_argument("--method", default="logme", help="logme (default), leep or nce.")
+    parser.add_argument(
+        "--weights", default="imagenet", help="Registry names: imagenet or none (random init)."
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="Side images are resized to (default: a model candidate's input, "
+        f"{_BUILTIN_IMAGE_SIZE} for built-in datasets, else the first backbone's default).",
+    )
+    parser.add_argument("--json", action="store_true", help="Print the ranking as JSON.")
+    parser.set_defaults(func=_run_rank)
+
+
+def _run_rank(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from keras_transfer import backbones, datasets, ranking, runs
+
+    candidates = []
+    for text in args.candidates:
+        path, _, layer = text.rpartition(":") if ":" in text else (text, "", "")
+        if not Path(path).exists() and ("/" in path or path.endswith(".keras")):
+            raise FileNotFoundError(
+                f"Candidate {text!r}: no model at {path!r}. Pass a run folder or a .keras file, "
+                "or a registry name (kt.list_backbones())."
+            )
+        source = runs.load_model(path) if Path(path).exists() else path
+        candidates.append((source, layer) if layer else source)
+    models = [c[0] if isinstance(c, tuple) else c for c in candidates]
+    models = [m for m in models if not isinstance(m, str)]
+    if args.image_size:
+        image_size, channels = args.image_size, 3
+    elif models:
+        _, image_size, _, channels = models[0].input_shape
+    elif args.data in datasets.DATASETS:
+        image_size, channels = _BUILTIN_IMAGE_SIZE, 3
+    else:
+        first = candidates[0][0] if isinstance(candidates[0], tuple) else candidates[0]
+        image_size, channels = backbones.get_backbone(first).default_size, 3
+    ds, _, _, names = _load_data(args, image_size=image_size, channels=channels, training=False)
+    weights = None if str(args.weights).lower() in ("none", "null", "") else args.weights
+    start = time.perf_counter()
+    ranked = ranking.rank_backbones(
+        ds, candidates, method=args.method, image_size=image_size, weights=weights
+    )
+    seconds = time.perf_counter() - start
+    label = {id(c): text for c, text in zip(candidates, args.candidates, strict=True)}
+    rows = [(label[id(c)], score) for c, score in ranked]
+    if args.json:
+        out = {"data": args.data or args.tfds, "method": args.method, "image_size": image_size}
+        out.update(classes=len(names), seconds=round(seconds, 3))
+        out["ranking"] = [{"candidate": text, "score": score} for text, score in rows]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"{args.data or args.tfds}: {len(names)} classes, {image_size} px, {args.method}, "
+        f"{seconds:.1f} s for {len(rows)} candidates"
+    )
+    width = max(len("candidate"), *(len(text) for text, _ in rows))
+    print(f"  rank  {'candidate':<{width}}  {args.method:>10}")
+    for i, (text, score) in enumerate(rows, 1):
+        print(f"  {i:>4}  {text:<{width}}  {score:>10.4f}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 _COMMANDS: list = []  # (name, add_fn) pairs, filled in as sub-commands are implemented.
@@ -953,6 +1049,7 @@ _COMMANDS += [("export", _add_export), ("verify", _add_verify), ("serve", _add_s
 _COMMANDS.append(("weights", _add_weights))
 _COMMANDS += [("train", _add_train), ("evaluate", _add_evaluate), ("predict", _add_predict)]
 _COMMANDS.append(("discrepancy", _add_discrepancy))
+_COMMANDS.append(("rank", _add_rank))
 
 
 def build_parser() -> argparse.ArgumentParser:

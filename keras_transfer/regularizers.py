@@ -20,7 +20,8 @@ Example:
 >>> model = kt.build_classifier("mobilenet_v2", 2, image_size=32, weights=None, alpha=0.35)
 >>> x = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
 >>> history = kt.fine_tune(model, (x, np.arange(8) % 2), head_epochs=1, finetune_epochs=1,
-...                        regularizer=kt.regularizers.L2SP(alpha=0.1, beta=0.01), verbose=0)
+...                        regularizer=kt.regularizers.L2SP(alpha=0.1, beta=0.01),
+...                        batch_size=4, verbose=0)
 >>> model.losses
 []
 """
@@ -238,6 +239,7 @@ class L2(_WeightPenalty):
     Example:
     >>> import keras_transfer as kt
     >>> model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+    >>> model = kt.freeze_backbone(model)
     >>> penalty = kt.regularizers.L2(alpha=0.01)
     >>> penalty.attach(model)
     >>> len(model.losses)  # the backbone is frozen: the logits' kernel and bias

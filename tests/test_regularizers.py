@@ -358,6 +358,7 @@ def test_phase_and_fine_tune_take_the_object(tiny_model, images):
     penalty = regularizers.L2(alpha=0.1)
     phase = kt.Phase("head", 1, regularizer=penalty)
     assert phase.regularizer is penalty
+    assert isinstance(kt.Phase("top", 1, regularizer="l2sp").regularizer, regularizers.L2SP)
     seen = []
 
     class Spy(regularizers.L2):
