@@ -1,4 +1,4 @@
-"""Resume after a hard kill: SIGKILL a resumable `kt.fine_tune` mid-phase, restart it, compare.
+"""kt.checkpointing: resume after a hard kill (SIGKILL mid-phase, restart, compare), atomic writes.
 
 The worker (tests/resume_worker.py) trains 2 + 2 epochs of 5 batches (10 optimizer steps a phase)
 with a checkpoint after every step, printing `STEP <phase> <iterations>` after each one. The
