@@ -277,10 +277,18 @@ def test_adapt_kt_classifier_leaves_a_plain_exportable_model(tmp_path, tiny_mode
     np.testing.assert_allclose(
         reloaded.predict(target[:4], verbose=0), tiny_model.predict(target[:4], verbose=0)
     )
+
+
+@pytest.mark.slow
+def test_adapted_classifier_exports_for_serving_unchanged(tmp_path, tiny_model):
+    x, y, target = domains(n_source=8, n_target=8)
+    kt.adapt(tiny_model, (x, y), target, epochs=1, batch_size=8, domain_units=(8,), verbose=0)
     exported = kt.export_for_serving(
         tiny_model, tmp_path / "served", warmup=False, save_keras=False
     )
-    assert (exported / "saved_model.pb").is_file()
+    serve = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    served = serve(images=tf.constant(target[:3]))["probabilities"].numpy()
+    np.testing.assert_allclose(served, tiny_model.predict(target[:3], verbose=0), atol=1e-5)
 
 
 def test_split_reads_logits_of_kt_and_plain_classifiers(tiny_model):
@@ -373,6 +381,19 @@ def test_pair_domains_shorter_domain_repeats_and_labels_follow_images():
         assert len(target_ids) == 40 and np.bincount(target_ids, minlength=12).min() >= 3
         epochs.append(source_ids)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
+    # Datasets, batched any way (here by kt.data, which reshuffles), are rebatched to pairs.
+    source = kt.data.from_arrays(x, y, batch_size=5, seed=1)
+    target_ds = tf.data.Dataset.from_tensor_slices(target).batch(3)
+    data = ad.pair_domains(source, target_ds, batch_size=4)
+    assert int(data.cardinality()) == 10
+    source_ids, target_ids = [], []
+    for (images, labels), target_images in data:
+        ids = images.numpy()[:, 0, 0, 0].astype(int)
+        np.testing.assert_array_equal(labels.numpy(), ids % 3)
+        source_ids += ids.tolist()
+        target_ids += (target_images.numpy()[:, 0, 0, 0] - 1000).astype(int).tolist()
+    assert sorted(source_ids) == list(range(n_source)) and source_ids != list(range(n_source))
+    assert target_ids[:12] == list(range(12)) and target_ids[12:24] == list(range(12))
 
 
 def test_target_labels_are_ignored_with_a_warning():
@@ -433,7 +454,7 @@ BAD = {
     ),
     "target smaller than one batch": (
         dict(target=T[:5]),
-        r"`target` has 5 images, fewer than one batch of 8.*smaller `batch_size`",
+        r"`target` has 5 images, fewer than one batch of 8.*smaller `batch_size`.*batch_size=8",
     ),
     "negative trade_off": (dict(trade_off=-0.5), r"`trade_off` must be.*>= 0.*trade_off=-0\.5"),
     "NaN trade_off": (dict(trade_off=float("nan")), r"`trade_off` must be a finite.*trade_off=nan"),
@@ -499,6 +520,33 @@ def test_bad_options_and_types():
         kt.adapt(small_cnn(), X, T, features_layer="features")
     with pytest.raises(ValueError, match=r"features_layer=None means the 'pooling' layer"):
         kt.adapt(small_cnn(), (X, Y), T)
+    x, y, target = domains(n_source=8, n_target=8)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.9)
+    model = small_cnn()
+    before = weights_of(model)
+    with pytest.raises(ValueError, match=r"AnnealedLearningRate sets the learning rate itself"):
+        kt.adapt(
+            model,
+            (x, y),
+            target,
+            features_layer="features",
+            batch_size=8,
+            verbose=0,
+            learning_rate=schedule,
+            callbacks=[ad.AnnealedLearningRate()],
+        )
+    with pytest.raises(ValueError, match=r"ReversalSchedule found no GradientReversal layer"):
+        kt.adapt(
+            model,
+            (x, y),
+            target,
+            method="coral",
+            features_layer="features",
+            batch_size=8,
+            verbose=0,
+            callbacks=[ad.ReversalSchedule()],
+        )
+    assert same_weights(before, weights_of(model))  # both refused before the first step
     with pytest.raises(ValueError, match=r"compile takes only the optimizer"):
         ad.DeepCORAL(small_cnn(), "features").compile("adam", loss="mse")
 
@@ -517,19 +565,31 @@ WORKER = textwrap.dedent(
     import numpy as np
     import keras
     import keras_transfer as kt
+
     HELPERS
 
     x, y, target = domains(n_source=32, n_target=32)
+    # DANN reads datasets (kept in order), CORAL arrays (reshuffled with the seed).
+    slices = tf.data.Dataset.from_tensor_slices
+    data = {
+        "dann": (slices((x, y)), slices(target)),
+        "coral": ((x, y), target),
+    }
+    # SGD for DANN: its update is proportional to the gradient, so a loss scaled wrongly
+    # across replicas shows in the comparison below (Adam would normalise it away).
+    options = {
+        "dann": {"domain_units": (8,), "optimizer": "sgd", "learning_rate": 0.05},
+        "coral": {},
+    }
     result = {"replicas": strategy.num_replicas_in_sync}
     for method in ("dann", "coral"):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = small_cnn()
         before = [w.numpy().copy() for w in model.weights]
-        options = {"domain_units": (8,)} if method == "dann" else {}
         history = kt.adapt(
-            model, (x, y), target, method=method, features_layer="features", epochs=2,
-            batch_size=4, trade_off=0.5, strategy=strategy, verbose=0, **options,
+            model, *data[method], method=method, features_layer="features", epochs=2,
+            batch_size=4, trade_off=0.5, strategy=strategy, verbose=0, **options[method],
         )
         adapted = history.model
         domain_head = getattr(adapted, "domain_classifier", None)
@@ -538,14 +598,28 @@ WORKER = textwrap.dedent(
             "steps": history.params["steps"],
             "changed": [not np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights)],
             "strategy": type(adapted.distribute_strategy).__name__,
-            "scale": float(adapted.gradient_reversal.current_scale.numpy())
-            if domain_head else None,
         }
         if domain_head:
+            result[method]["scale"] = float(adapted.gradient_reversal.current_scale.numpy())
             # The domain classifier's variables live on both replicas and train there.
             result[method]["domain_mirrored"] = all(
                 type(getattr(v, "_value", v)).__name__ == "MirroredVariable"
                 for v in domain_head.trainable_weights
+            )
+            # DANN's losses are means over examples, so 2 replicas x 4 images train exactly
+            # as one device x 8 does, when the per-replica losses are scaled right.
+            keras.utils.set_random_seed(0)
+            single = small_cnn()
+            kt.adapt(
+                single, *data[method], method=method, features_layer="features", epochs=2,
+                batch_size=8, trade_off=0.5, verbose=0, **options[method],
+            )
+            result[method]["single_device_gap"] = max(
+                float(np.abs(a.numpy() - b.numpy()).max())
+                for a, b in zip(model.weights, single.weights)
+            )
+            result[method]["trained_distance"] = max(
+                float(np.abs(a - b.numpy()).max()) for a, b in zip(before, single.weights)
             )
     print("RESULT " + json.dumps(result), flush=True)
     """
@@ -582,3 +656,5 @@ def test_dann_and_coral_train_under_mirrored_strategy(tmp_path):
     assert dann["scale"] == pytest.approx(0.5 * ad.reversal_scale(7 / 8), rel=1e-6)
     assert all(0.0 <= v <= 1.0 for v in dann["history"]["domain_accuracy"])
     assert dann["domain_mirrored"]
+    assert dann["single_device_gap"] < 1e-5, dann["single_device_gap"]
+    assert dann["trained_distance"] > 1e-3

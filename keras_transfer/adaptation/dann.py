@@ -201,10 +201,12 @@ class AnnealedLearningRate(_ProgressCallback):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         rate = self.model.optimizer.learning_rate
-        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        # A float learning rate is a variable; a schedule's current value is a plain tensor.
+        if not hasattr(rate, "assign"):
             raise ValueError(
                 "AnnealedLearningRate sets the learning rate itself; compile with a float "
-                f"learning rate, not a schedule. Received: {type(rate).__name__}"
+                "learning rate, not a schedule. Received: a learning-rate schedule on "
+                f"{type(self.model.optimizer).__name__}."
             )
         self.initial = float(keras.ops.convert_to_numpy(rate))
 

@@ -28,14 +28,14 @@ _RESIZE_HINT = (
 
 @dataclasses.dataclass
 class Domain:
-    """One domain's data, checked: unbatched elements (images, or (images, labels))."""
+    """One domain's data, checked: a dataset's unbatched elements, or the arrays."""
 
     name: str
-    elements: tf.data.Dataset
+    elements: tf.data.Dataset | None  # (images[, labels]) one by one; None for arrays
     count: int
     image_shape: tuple[int, ...]
     labelled: bool
-    shuffle: bool  # arrays: reshuffled here every pass; datasets keep their own order
+    arrays: tuple | None = None  # (x,) or (x, y) for arrays: reshuffled here every pass
 
 
 def _shape_text(shape) -> str:
@@ -136,7 +136,7 @@ def source_domain(
         elements = source.map(lambda *e: (e[0], e[1]))
         if spec[0].shape.rank == 4:
             elements = elements.unbatch()
-        return Domain(name, elements, count, shape, True, shuffle=False)
+        return Domain(name, elements, count, shape, True)
     if not isinstance(source, tuple | list) or len(source) != 2:
         raise TypeError(
             f"`{name}` must be an (x, y) tuple of arrays or a tf.data.Dataset of (images, "
@@ -160,8 +160,7 @@ def source_domain(
         stats = _array_stats(x, y)
         if not stats.pixels_finite:
             datacheck.raise_for(HeadSpec("regression", 1, None, "-"), None, stats, name)
-    elements = tf.data.Dataset.from_tensor_slices((x, y))
-    return Domain(name, elements, len(x), tuple(x.shape[1:]), True, shuffle=True)
+    return Domain(name, None, len(x), tuple(x.shape[1:]), True, arrays=(x, y))
 
 
 def _array_stats(x: np.ndarray, y: np.ndarray) -> datacheck.DataStats:
@@ -227,7 +226,7 @@ def target_domain(target, *, batch_size: int = 64, name: str = "target") -> Doma
         if not finite:
             raise _bad_pixels(name)
         elements = target.unbatch() if spec.shape.rank == 4 else target
-        return Domain(name, elements, count, shape, False, shuffle=False)
+        return Domain(name, elements, count, shape, False)
     if isinstance(target, tuple) and len(target) == 2:
         _labels_ignored(name)
         target = target[0]
@@ -241,39 +240,46 @@ def target_domain(target, *, batch_size: int = 64, name: str = "target") -> Doma
         raise _empty(name, "unlabelled target images")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise _bad_pixels(name)
-    elements = tf.data.Dataset.from_tensor_slices(x)
-    return Domain(name, elements, len(x), tuple(x.shape[1:]), False, shuffle=True)
+    return Domain(name, None, len(x), tuple(x.shape[1:]), False, arrays=(x,))
 
 
 def check_compatible(
-    source: Domain, target: Domain, batch_size: int, model_shape: tuple | None = None
+    source: Domain,
+    target: Domain,
+    batch_size: int,
+    model_shape: tuple | None = None,
+    replicas: int = 1,
 ) -> None:
-    """Refuses domains of different image shapes, not the model's, or smaller than a batch."""
+    """Refuses domains of different image shapes, not the model's, or smaller than a batch.
+
+    `batch_size` is per replica; a step takes `batch_size * replicas` images of each domain.
+    """
     if source.image_shape != target.image_shape:
         raise ValueError(
             f"`source` images are {_shape_text(source.image_shape)} (height x width x "
             f"channels) but `target` images are {_shape_text(target.image_shape)}; both domains "
             f"must share one size and channel count. {_RESIZE_HINT}"
         )
-    if (
-        model_shape is not None
-        and any(
-            m is not None and m != s for m, s in zip(model_shape, source.image_shape, strict=False)
+    if model_shape is not None and (
+        len(model_shape) != len(source.image_shape)
+        or any(
+            m is not None and m != s for m, s in zip(model_shape, source.image_shape, strict=True)
         )
-        or (model_shape is not None and len(model_shape) != len(source.image_shape))
     ):
         raise ValueError(
             f"`source` and `target` images are {_shape_text(source.image_shape)} but the "
             f"classifier takes {_shape_text(['?' if d is None else d for d in model_shape])}. "
             f"{_RESIZE_HINT}"
         )
+    step = batch_size * replicas
     for domain in (source, target):
-        if domain.count < batch_size:
+        if domain.count < step:
+            per = f" ({batch_size} per replica x {replicas} replicas)" if replicas > 1 else ""
             raise ValueError(
-                f"`{domain.name}` has {domain.count} images, fewer than one batch of "
-                f"{batch_size}: every step pairs a full batch of each domain. Pass more "
-                f"{domain.name} images or a smaller `batch_size` (per replica). Received: "
-                f"batch_size giving {batch_size} images per step."
+                f"`{domain.name}` has {domain.count} images, fewer than one batch of {step}"
+                f"{per}: every step pairs a full batch of each domain. Pass more "
+                f"{domain.name} images or a smaller `batch_size`. Received: "
+                f"batch_size={batch_size}."
             )
 
 
@@ -283,10 +289,17 @@ def steps_per_epoch(source: Domain, target: Domain, batch_size: int) -> int:
 
 
 def _repeated_batches(domain: Domain, batch_size: int, seed: int | None) -> tf.data.Dataset:
-    elements = domain.elements
-    if domain.shuffle:
-        elements = elements.shuffle(domain.count, seed=seed, reshuffle_each_iteration=True)
-    return elements.repeat().batch(batch_size, drop_remainder=True)
+    if domain.arrays is None:  # a dataset: its own order, repeated
+        return domain.elements.repeat().batch(batch_size, drop_remainder=True)
+    # Arrays: shuffle indices (a small buffer) and gather each batch, every pass a new order.
+    tensors = tuple(tf.convert_to_tensor(a) for a in domain.arrays)
+    indices = tf.data.Dataset.range(domain.count).shuffle(
+        domain.count, seed=seed, reshuffle_each_iteration=True
+    )
+    batches = indices.repeat().batch(batch_size, drop_remainder=True)
+    if len(tensors) == 1:
+        return batches.map(lambda i: tf.gather(tensors[0], i))
+    return batches.map(lambda i: tuple(tf.gather(t, i) for t in tensors))
 
 
 def paired(source: Domain, target: Domain, batch_size: int, seed: int | None = 0):
@@ -355,4 +368,4 @@ def validation_dataset(data, head: HeadSpec, batch_size: int) -> tf.data.Dataset
         datacheck.check_dataset(head, batched, "validation_data")
         return batched
     domain = source_domain(data, head, batch_size=batch_size, name="validation_data")
-    return domain.elements.batch(batch_size)
+    return tf.data.Dataset.from_tensor_slices(domain.arrays).batch(batch_size)

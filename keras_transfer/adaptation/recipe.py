@@ -164,7 +164,8 @@ def adapt(
     src = domain_data.source_domain(source, head, batch_size=global_batch)
     tgt = domain_data.target_domain(target, batch_size=global_batch)
     image_shape = tuple(model.network.inputs[0].shape[1:])
-    domain_data.check_compatible(src, tgt, global_batch, image_shape)
+    replicas = strategy.num_replicas_in_sync
+    domain_data.check_compatible(src, tgt, batch_size, image_shape, replicas)
     validation = domain_data.validation_dataset(validation_data, head, global_batch)
     train = domain_data.paired(src, tgt, global_batch, seed)
     callbacks = list(callbacks or [])
