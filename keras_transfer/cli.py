@@ -136,6 +136,12 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 5], help="Top-k to report.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.add_argument(
+        "--plots", default=None, help="Write training curves and evaluation PNGs to this folder."
+    )
+    parser.add_argument(
+        "--tensorboard", default=None, help="Write TensorBoard logs of all phases to this folder."
+    )
     parser.set_defaults(func=_run_train, _parser=parser)
 
 
@@ -319,6 +325,57 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _tensorboard(args, weights, fit_kwargs, signature) -> list:
+    """`--tensorboard DIR`: Keras's TensorBoard callback over both phases (epochs numbered across
+    them), plus the name of the phase each epoch belongs to as a text summary `phase`; the
+    --compare-scratch run logs to DIR/scratch."""
+    if not args.tensorboard:
+        return []
+    import os
+
+    import keras
+    import tensorflow as tf
+
+    head_epochs = fit_kwargs.get("head_epochs", signature["head_epochs"].default)
+    scratch = weights is None and args.compare_scratch
+    log_dir = os.path.join(args.tensorboard, "scratch") if scratch else args.tensorboard
+
+    class PhaseNames(keras.callbacks.Callback):
+        phase = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            phase = "head" if epoch < head_epochs else "finetune"
+            if phase != self.phase:
+                self.phase = phase
+                writer = tf.summary.create_file_writer(os.path.join(log_dir, "phases"))
+                with writer.as_default():
+                    tf.summary.text("phase", phase, step=epoch)
+                writer.close()
+
+    return [keras.callbacks.TensorBoard(log_dir=log_dir), PhaseNames()]
+
+
+def _save_training_plots(folder, model, history, train) -> None:
+    """`--plots DIR`: the training curves over all phases and a batch after augmentation."""
+    from pathlib import Path
+
+    from keras_transfer import plots
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for name, fig in (
+        ("training_curves", plots.plot_training_curves(history)),
+        ("augmentation", plots.plot_augmented_batch(model, train)),
+    ):
+        fig.savefig(Path(folder) / f"{name}.png", dpi=100)
+        print(f"Wrote {Path(folder) / f'{name}.png'}")
+
+
 def _train_once(args, weights, train, val, test, names, image_size, channels):
     """Builds and fine-tunes one model; returns (model, history, metrics dict)."""
     import contextlib
@@ -380,7 +437,7 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
             train_batchnorm=args.train_batchnorm,
             batch_size=args.batch_size,
             strategy=strategy,
-            callbacks=[_progress(epochs)],
+            callbacks=[_progress(epochs), *_tensorboard(args, weights, fit_kwargs, signature)],
             verbose=0 if args.quiet else "auto",
             **fit_kwargs,
         )
@@ -390,8 +447,14 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     for split_name, ds in (("validation", val), ("test", test)):
         if ds is not None:
             _banner(f"Evaluating on the {split_name} set")
-            metrics[split_name] = evaluation.evaluate(model, ds, names, top_k=args.top_k)
-            print(evaluation.format_report(metrics[split_name]))
+            report = evaluation.evaluate(model, ds, class_names=names, top_k=args.top_k)
+            metrics[split_name] = report.to_dict()  # JSON-ready: metrics.json holds it
+            print(report)
+            if args.plots:
+                from keras_transfer import plots
+
+                scratch = "scratch_" if weights is None and args.compare_scratch else ""
+                plots.save_report_plots(report, args.plots, prefix=f"{scratch}{split_name}_")
     return model, history, metrics
 
 
@@ -417,6 +480,8 @@ def _run_train(args) -> int:
     weights = None if str(args.weights).lower() in ("none", "null", "") else args.weights
     if args.compare_scratch and weights is None:
         raise CLIError("--compare-scratch compares against --weights; drop --weights none.")
+    if args.tensorboard and not _has_tensorboard():
+        raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard")
     start = time.perf_counter()
     _banner("Loading data")
     train, val, test, names = _load_data(
@@ -432,6 +497,8 @@ def _run_train(args) -> int:
     model, history, metrics = _train_once(
         args, weights, train, val, test, names, image_size, channels
     )
+    if args.plots:
+        _save_training_plots(args.plots, model, history, train)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "_parser")}
     summary = {"config": config, **metrics, "seconds": round(time.perf_counter() - start, 1)}
     run = dict(class_names=names, history=history)
@@ -478,12 +545,15 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 5], help="Top-k to report.")
     parser.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
     parser.add_argument("--plot", default=None, help="Also save a confusion-matrix figure here.")
+    parser.add_argument(
+        "--plots",
+        default=None,
+        help="Write the report's PNGs to this folder (confusion matrix, reliability, mistakes).",
+    )
     parser.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    import json
-
     from keras_transfer import evaluation, runs
 
     run = runs.load_run(args.model)
@@ -503,10 +573,15 @@ def _run_evaluate(args) -> int:
             f"({names[:3]}...); classes are matched by position.",
             file=sys.stderr,
         )
-    metrics = evaluation.evaluate(model, ds, names, top_k=args.top_k)
+    report = evaluation.evaluate(model, ds, class_names=names, top_k=args.top_k)
     if args.plot:
-        evaluation.plot_confusion_matrix(metrics, path=args.plot)
-    print(json.dumps(metrics, indent=1) if args.json else evaluation.format_report(metrics))
+        evaluation.plot_confusion_matrix(report, path=args.plot)
+    if args.plots:
+        from keras_transfer import plots
+
+        for path in plots.save_report_plots(report, args.plots):
+            print(f"Wrote {path}", file=sys.stderr)
+    print(report.to_json() if args.json else report)
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from matplotlib.transforms import blended_transform_factory
 
 _PHASE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
@@ -159,6 +159,7 @@ def plot_training_curves(
             ax.set_title(name.replace("_", " "))
             ax.legend(loc="best", fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         _mark_phases(ax, spans)
     for ax in axes[len(panels) :]:
@@ -179,7 +180,7 @@ def _mark_phases(ax, spans: list[tuple[str, int, int]]) -> None:
         labels.append(name)
     ax.set_xlim(spans[0][1] + 0.5 - 0.02 * spans[-1][2], spans[-1][2] + 0.5 + 0.02 * spans[-1][2])
     top = ax.secondary_xaxis("top")
-    top.set_xticks(centres, labels, fontsize=8, color="0.2")
+    top.set_xticks(centres, labels, fontsize=9, color="0.2")
     top.tick_params(length=0)
 
 
@@ -290,6 +291,8 @@ def plot_confusion_matrix(
         ax.set_title(f"{title} ({suffix})")
         if percent:
             bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        elif not shared:
+            bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if text_size is None:
             continue
         threshold = values.max() / 2 if values.max() > 0 else 1
@@ -326,7 +329,8 @@ def _image_grid(images, titles, columns: int, suptitle: str, *, title_colour="bl
     n = len(images)
     columns = max(1, min(columns, n))
     rows = math.ceil(n / columns)
-    fig = _figure(2.1 * columns, 2.35 * rows + 0.4)
+    # Wide enough for the title too when there are few images (about 0.08 in per character).
+    fig = _figure(max(2.1 * columns, 0.08 * len(suptitle)), 2.35 * rows + 0.4)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax, image, title in zip(axes, images, titles, strict=False):
         pixels, cmap = _displayable(image)
