@@ -247,9 +247,9 @@ def reliability(probability, outcome, num_bins: int = NUM_CALIBRATION_BINS) -> d
         `accuracy` are each bin's mean probability and mean outcome (None for an empty bin).
 
     Example:
-    >>> r = reliability([0.9, 0.9, 0.6, 0.6], [1, 0, 1, 1], num_bins=2)
-    >>> round(r["ece"], 3), r["count"]
-    (0.3, [0, 4])
+    >>> r = reliability([0.9, 0.9, 0.4, 0.4], [1, 0, 1, 1], num_bins=2)
+    >>> r["count"], r["accuracy"], round(r["ece"], 3)  # 0.5 * |1 - 0.4| + 0.5 * |0.5 - 0.9|
+    ([2, 2], [1.0, 0.5], 0.5)
     """
     probability = np.asarray(probability, dtype=np.float64).reshape(-1)
     outcome = np.asarray(outcome, dtype=np.float64).reshape(-1)

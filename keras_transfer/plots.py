@@ -19,7 +19,7 @@ Example:
 >>> from keras_transfer import evaluation, plots
 >>> report = evaluation.metrics_from_probabilities(np.eye(3)[[0, 1, 2, 1]], [0, 1, 2, 2])
 >>> fig = plots.plot_confusion_matrix(report)
->>> [ax.get_title() for ax in fig.axes[::2]]
+>>> [ax.get_title() for ax in fig.axes[:2]]  # then their colour bars
 ['Confusion matrix (counts)', 'Confusion matrix (row-normalised)']
 """
 
@@ -115,8 +115,8 @@ def plot_training_curves(
     >>> history = {"history": {"loss": [1.0, 0.6, 0.5, 0.3]}, "phases": {"head": [0, 2],
     ...            "finetune": [2, 4]}}
     >>> fig = plot_training_curves(history)
-    >>> [t.get_text() for t in fig.axes[0].texts]
-    []
+    >>> [t.get_text() for t in fig.axes[0].child_axes[0].get_xticklabels()]  # above the panel
+    ['head', 'finetune']
     """
     logs, epochs, phases = _history_parts(history)
     names = [k for k in logs if not k.startswith("val_") and k not in ("learning_rate", "lr")]
