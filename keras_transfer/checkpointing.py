@@ -37,6 +37,7 @@ from keras_transfer._validate import check_int
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.npz"
+PHASE_START_FILE = "phase_start.npz"  # the model's variables when the current phase began
 PHASES = ("head", "finetune")  # `kt.fine_tune`'s phases; `fit_phases` passes its own
 SHUFFLE_BUFFER = 4096
 FORMAT_VERSION = 1
@@ -65,7 +66,9 @@ def check_arguments(checkpoint_dir, every, seed) -> None:
     check_int("checkpoint_seed", seed, minimum=0)
 
 
-def write_checkpoint(directory: str | os.PathLike, state: dict, model, optimizer) -> Path:
+def write_checkpoint(
+    directory: str | os.PathLike, state: dict, model, optimizer, name: str = CHECKPOINT_FILE
+) -> Path:
     """Writes `state` and the variables of `model` and `optimizer` atomically; returns the file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,13 +77,13 @@ def write_checkpoint(directory: str | os.PathLike, state: dict, model, optimizer
         arrays[f"model_{i}"] = np.asarray(keras.ops.convert_to_numpy(variable))
     for i, variable in enumerate(optimizer.variables if optimizer is not None else ()):
         arrays[f"optimizer_{i}"] = np.asarray(keras.ops.convert_to_numpy(variable))
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        target = directory / CHECKPOINT_FILE
+        target = directory / name
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,9 +91,9 @@ def write_checkpoint(directory: str | os.PathLike, state: dict, model, optimizer
     return target
 
 
-def read_checkpoint(directory: str | os.PathLike):
+def read_checkpoint(directory: str | os.PathLike, name: str = CHECKPOINT_FILE):
     """Returns `(state, model_arrays, optimizer_arrays)` in `directory`, or None."""
-    path = Path(directory) / CHECKPOINT_FILE
+    path = Path(directory) / name
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as data:
@@ -162,8 +165,9 @@ class Checkpointer:
         self.phases = tuple(phases)
         self.layout = None
         # A kill during a write leaves only its temporary file; the checkpoint itself is whole.
-        for stale in self.directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for name in (CHECKPOINT_FILE, PHASE_START_FILE):
+            for stale in self.directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         found = read_checkpoint(self.directory)
         self.state, self._model_arrays, self._optimizer_arrays = found or (None, [], [])
         if self.state is not None and self.state["phase"] not in self.phases:
@@ -209,6 +213,28 @@ class Checkpointer:
             "optimizer_variables": len(optimizer.variables) if optimizer is not None else 0,
         }
         write_checkpoint(self.directory, state, model, optimizer)
+
+    def phase_begins(self, model, phase: str) -> None:
+        """Called when `phase` begins, before its hooks (`on_phase_begin`, a regularizer).
+
+        A fresh phase records the model's variables as the phase's start. A run resuming inside
+        `phase` puts that start back first, so the hooks see the weights the phase began with
+        (L2-SP anchors there, not at the resumed weights); `fit` then restores the rest.
+        """
+        resuming = self.state is not None and self.state["phase"] == phase
+        if resuming and not self.state["done"]:
+            found = read_checkpoint(self.directory, PHASE_START_FILE)
+            if found is not None and found[0].get("phase") == phase:
+                _assign(model.variables, found[1], "model", self.directory / PHASE_START_FILE)
+            return
+        if not resuming:
+            state = {
+                "format": FORMAT_VERSION,
+                "phase": phase,
+                "model_variables": len(model.variables),
+                "optimizer_variables": 0,
+            }
+            write_checkpoint(self.directory, state, model, None, PHASE_START_FILE)
 
     def _check_same_data(self, examples: int, batch_size: int) -> None:
         saved = (self.state.get("data"), self.state.get("seed"))

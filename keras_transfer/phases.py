@@ -15,7 +15,7 @@ Example:
 >>> x = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
 >>> history = kt.fit_phases(model, [kt.Phase("head", epochs=1),
 ...                                 kt.Phase("top", epochs=1, trainable=2, learning_rate=1e-4)],
-...                         (x, np.arange(8) % 2), verbose=0)
+...                         (x, np.arange(8) % 2), batch_size=4, verbose=0)
 >>> history.phases
 {'head': (0, 1), 'top': (1, 2)}
 """
@@ -548,6 +548,8 @@ class _Run:
         """Unfreezes, hooks, attaches the regularizer, compiles and fits `phase`."""
         model = self.model
         _set_trainable(model, phase)
+        if self.checkpointer is not None:
+            self.checkpointer.phase_begins(model, phase.name)
         with self.strategy.scope():
             if self.on_phase_begin is not None:
                 self.on_phase_begin(model, phase)

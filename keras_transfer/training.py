@@ -157,7 +157,7 @@ def fine_tune(
     >>> model = kt.build_classifier("mobilenet_v2", 2, image_size=32, weights=None, alpha=0.35)
     >>> x = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     >>> history = kt.fine_tune(model, (x, np.arange(8) % 2), head_epochs=1, finetune_epochs=1,
-    ...                        verbose=0)
+    ...                        batch_size=4, verbose=0)
     >>> history.phases
     {'head': (0, 1), 'finetune': (1, 2)}
     """

@@ -65,7 +65,8 @@ def _next_step(checkpoint_dir, phases=checkpointing.PHASES, steps_per_phase=STEP
     """The (phase, iteration) a restart must apply first, from what the kill left on disk."""
     names = sorted(p.name for p in checkpoint_dir.iterdir()) if checkpoint_dir.exists() else []
     # At most the temporary file of a write the kill cut short besides the checkpoint.
-    assert all(n.endswith(".tmp") for n in names if n != checkpointing.CHECKPOINT_FILE), names
+    files = (checkpointing.CHECKPOINT_FILE, checkpointing.PHASE_START_FILE)
+    assert all(n.endswith(".tmp") for n in names if n not in files), names
     found = checkpointing.read_checkpoint(checkpoint_dir)
     if found is None:  # killed before its first checkpoint: starts over
         return (phases[0], 1)
@@ -107,7 +108,10 @@ def _kill_and_resume(tmp_path, seed, uninterrupted):
     # skipped (checkpoint_every=1; a step killed before its checkpoint was written is redone).
     for steps, expected in zip(seen[1:], expected_next, strict=True):
         assert steps[0] == expected, (steps[:3], expected)
-    assert [p.name for p in checkpoint_dir.iterdir()] == [checkpointing.CHECKPOINT_FILE]
+    assert {p.name for p in checkpoint_dir.iterdir()} == {
+        checkpointing.CHECKPOINT_FILE,
+        checkpointing.PHASE_START_FILE,
+    }
     final = seen[-1]
     assert final[-1] == ("finetune", STEPS_PER_PHASE)  # total optimizer steps as uninterrupted
     weights, _ = _weights(output)
@@ -240,3 +244,45 @@ def test_three_phases_under_mirrored_strategy_resume_after_sigkill_in_later_phas
     weights, _ = _weights(output)
     for got, want in zip(weights, uninterrupted, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_phase_begins_from_its_start_weights_for_its_hooks(tmp_path, images):
+    """on_phase_begin (and so L2-SP's anchor) sees the phase's starting weights on resume."""
+    import keras
+
+    import keras_transfer as kt
+
+    x, y = images
+    phases = [kt.Phase("head", 1), kt.Phase("top", 2, trainable=2, learning_rate=1e-4)]
+    seen = {}
+
+    def record(model, phase):
+        seen.setdefault(phase.name, []).append([np.array(w) for w in model.weights])
+
+    def run():
+        keras.utils.set_random_seed(0)
+        model = kt.build_classifier("mobilenet_v2", 3, image_size=32, weights=None, alpha=0.35)
+        kt.fit_phases(
+            model,
+            phases,
+            (x, y),
+            batch_size=8,
+            on_phase_begin=record,
+            verbose=0,
+            checkpoint=kt.CheckpointOptions(tmp_path, every=1),
+        )
+        return model
+
+    run()
+    # Pretend the run was killed one batch into the second epoch of "top".
+    path = tmp_path / checkpointing.CHECKPOINT_FILE
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    state = json.loads(str(arrays["state"]))
+    arrays["state"] = np.array(json.dumps(dict(state, done=False, epoch=2, batch=1)))
+    np.savez(path, **arrays)
+    run()
+    first, resumed = seen["top"]
+    assert len(seen["head"]) == 1  # the finished head phase is skipped on resume
+    for a, b in zip(first, resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
