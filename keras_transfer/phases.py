@@ -37,6 +37,7 @@ from keras_transfer._validate import check_int, is_number
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine")
+AUTO = "auto"  # a phase's learning rate found by `kt.find_learning_rate` when it begins
 HEAD_ONLY = None
 
 
@@ -93,7 +94,9 @@ class Phase:
             (top blocks, at `kt.unfreeze_points`), a float (fraction of the weighted layers), a
             layer name (it and every later layer train), `"all"`, or a dict of `kt.unfreeze`
             arguments. The head always trains.
-        learning_rate: A positive float, or a `keras.optimizers.schedules.LearningRateSchedule`
+        learning_rate: A positive float, `"auto"` (the LR finder's suggestion for this phase,
+            `kt.find_learning_rate`, run when the phase begins: about one forward pass when
+            its frozen part can be cached), or a `keras.optimizers.schedules.LearningRateSchedule`
             (then `warmup_epochs` must be 0 and `schedule` is ignored).
         optimizer: A Keras optimizer name (`"adam"`, `"adamw"`, `"sgd"`, ...) or an optimizer
             instance; an instance is cloned from its config for the phase, so its other
@@ -114,7 +117,7 @@ class Phase:
     name: str
     epochs: int
     trainable: int | float | str | Mapping | None = HEAD_ONLY
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3
+    learning_rate: float | str | keras.optimizers.schedules.LearningRateSchedule = 1e-3
     optimizer: str | keras.optimizers.Optimizer = "adam"
     warmup_epochs: float = 0.0
     schedule: str = "constant"
@@ -130,7 +133,9 @@ class Phase:
             )
         _epochs(f"{self.name}.epochs", self.epochs)
         unfreeze_kwargs(self.trainable)  # type check now; the model checks the value later
-        if not isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        if self.learning_rate == AUTO:
+            pass
+        elif not isinstance(self.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             _positive_number(f"{self.name}.learning_rate", self.learning_rate)
         elif self.warmup_epochs:
             raise ValueError(
@@ -359,11 +364,11 @@ def _fresh(metrics):
     ]
 
 
-def _phase_learning_rate(phase: Phase, steps: int | None):
+def _phase_learning_rate(phase: Phase, steps: int | None, found: float | None = None):
     if isinstance(phase.learning_rate, keras.optimizers.schedules.LearningRateSchedule):
         return phase.learning_rate
     return learning_rate_schedule(
-        float(phase.learning_rate),
+        float(found if phase.learning_rate == AUTO else phase.learning_rate),
         steps * phase.epochs if steps else None,
         int(round(phase.warmup_epochs * steps)) if steps else 0,
         phase.schedule,
@@ -543,6 +548,8 @@ class _Run:
     callbacks: list
     on_phase_begin: Callable | None
     steps: int | None
+    sweep_data: tf.data.Dataset | None = None  # what `learning_rate="auto"` sweeps over
+    found_rates: dict = field(default_factory=dict)
 
     def phase(self, phase: Phase, first_epoch: int, cached, train_data, validation_data):
         """Unfreezes, hooks, attaches the regularizer, compiles and fits `phase`."""
@@ -555,7 +562,16 @@ class _Run:
                 self.on_phase_begin(model, phase)
             if phase.regularizer is not None:
                 phase.regularizer.attach(model)
-        rate = _phase_learning_rate(phase, self.steps)
+        found = None
+        if phase.learning_rate == AUTO:
+            from keras_transfer.lr_finder import find_learning_rate
+
+            result = find_learning_rate(
+                model, self.sweep_data, phase=phase, loss=self.compile_kwargs["loss"]
+            )
+            found = self.found_rates[phase.name] = float(result.suggestion)
+            logger.info("Phase %r: learning rate %.3g from the LR finder.", phase.name, found)
+        rate = _phase_learning_rate(phase, self.steps, found)
         try:
             return _fit_one(
                 model,
@@ -638,7 +654,7 @@ def fit_phases(
         phase name to its `(first_epoch, end_epoch)` (None for a phase of 0 epochs), `cached`
         maps it to the cut its activations were cached at (`"pooling"` or a backbone layer
         name; False when it ran plainly, None when skipped), `cache_info` gives the caches'
-        sizes and places.
+        sizes and places, and `learning_rates` the rate each `"auto"` phase found.
 
     Raises:
         ValueError: for bad phases, a strategy mismatch, a bad `trainable` or labels whose
@@ -716,6 +732,7 @@ def fit_phases(
         callbacks=callbacks,
         on_phase_begin=on_phase_begin,
         steps=steps_per_epoch(train_data),
+        sweep_data=sources["train_data"],
     )
     try:
         epoch = 0
@@ -747,4 +764,5 @@ def fit_phases(
         for i, p in enumerate(phases)
     }
     merged.cache_info = caching.describe(_distinct(cached.values()))
+    merged.learning_rates = dict(run.found_rates)  # the rates "auto" phases found
     return merged

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from keras_transfer import caching, heads
 from keras_transfer.phases import (  # noqa: F401 - the names training exported before phases
+    AUTO,
     MIXED_PRECISION,
     CacheOptions,
     CheckpointOptions,
@@ -27,6 +28,10 @@ from keras_transfer.phases import (  # noqa: F401 - the names training exported 
     steps_per_epoch,
     unfreeze_kwargs,
 )
+
+
+def _rate(name: str, value):
+    return value if value == AUTO else _positive_number(name, value)
 
 
 def head_kind(model: keras.Model) -> str:
@@ -57,8 +62,8 @@ def fine_tune(
     head_epochs: int = 30,
     finetune_epochs: int = 30,
     unfreeze: int | float | str | Mapping = 0.25,
-    head_learning_rate: float = 1e-3,
-    finetune_learning_rate: float = 1e-4,
+    head_learning_rate: float | str = 1e-3,
+    finetune_learning_rate: float | str = 1e-4,
     warmup_epochs: float = 1.0,
     optimizer: str | keras.optimizers.Optimizer = "adam",
     regularizer=None,
@@ -99,8 +104,9 @@ def fine_tune(
             layer name, `"all"`, or a dict of `kt.unfreeze` arguments. The default, the top
             quarter of the weighted layers, is MobileNetV2's last resolution stage (blocks 13-16
             and Conv_1) and works for backbones with few blocks too; see docs/benchmarks.md.
-        head_learning_rate: Learning rate of phase 1.
-        finetune_learning_rate: Peak learning rate of phase 2.
+        head_learning_rate: Learning rate of phase 1, or `"auto"` (`kt.find_learning_rate`'s
+            suggestion, found when the phase begins).
+        finetune_learning_rate: Peak learning rate of phase 2, or `"auto"`.
         warmup_epochs: Epochs of linear warm-up at the start of phase 2.
         optimizer: Name of a Keras optimizer (`"adam"`, `"adamw"`, `"sgd"`, ...) or an
             optimizer instance (cloned from its config for each phase).
@@ -172,7 +178,7 @@ def fine_tune(
         Phase(
             "head",
             head_epochs,
-            learning_rate=_positive_number("head_learning_rate", head_learning_rate),
+            learning_rate=_rate("head_learning_rate", head_learning_rate),
             optimizer=optimizer,
             regularizer=regularizer,
         ),
@@ -180,7 +186,7 @@ def fine_tune(
             "finetune",
             finetune_epochs,
             trainable=unfreeze,
-            learning_rate=_positive_number("finetune_learning_rate", finetune_learning_rate),
+            learning_rate=_rate("finetune_learning_rate", finetune_learning_rate),
             optimizer=optimizer,
             warmup_epochs=warmup_epochs,
             schedule="cosine",

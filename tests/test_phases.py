@@ -236,3 +236,16 @@ def test_options_objects_are_validated_and_accepted(images, tmp_path):
     (info,) = history.cache_info["pooling"][:1]
     assert info["path"] is not None and info["examples"] == len(x)  # spilled to disk
     assert not any((tmp_path / "cache").iterdir())  # and deleted afterwards
+
+
+def test_auto_learning_rate_comes_from_the_lr_finder_and_trains_at_it(images):
+    x, y = images
+    model = _model()
+    history = kt.fit_phases(
+        model, [kt.Phase("head", 1, learning_rate="auto")], (x, y), batch_size=8, verbose=0
+    )
+    found = history.learning_rates["head"]
+    assert 1e-7 < found < 10
+    assert float(model.optimizer.learning_rate) == pytest.approx(found)
+    with pytest.raises(ValueError, match="head_learning_rate='fast'"):
+        kt.fine_tune(model, (x, y), head_learning_rate="fast", verbose=0)
