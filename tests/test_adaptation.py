@@ -170,6 +170,16 @@ def test_mmd_near_zero_for_one_distribution_and_positive_for_shifted():
         assert float(ad.mmd_loss(a, b[::-1])) == pytest.approx(same, abs=1e-6)
 
 
+def test_training_losses_equal_the_discrepancy_measures():
+    """What adaptation minimises is what kt.discrepancy reports (same kernels, same CORAL)."""
+    rng = np.random.default_rng(0)
+    # 22 samples pooled: an odd number of pairs, so both medians are the middle distance.
+    a, b = rng.normal(size=(11, 5)), rng.normal(size=(11, 5)) + 0.5
+    mmd = float(ad.mmd_loss(a.astype("float32"), b.astype("float32")))
+    assert mmd == pytest.approx(kt.discrepancy.mmd(a, b), rel=1e-5)
+    assert float(ad.coral_loss(a, b)) == pytest.approx(kt.discrepancy.coral(a, b), rel=1e-5)
+
+
 # -- serialization -----------------------------------------------------------------------------
 
 
