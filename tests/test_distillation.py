@@ -345,7 +345,7 @@ MIRRORED = textwrap.dedent(
     def run(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            teacher, student, old = mlp(name="t"), mlp(name="s"), mlp(name="o")
+            teacher, student, old, joint = (mlp(name=n) for n in ("t", "s", "o", "j"))
         x, y = data(32)
         w = np.linspace(0.5, 1.5, 32).astype("float32")
         ds = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(8)
@@ -354,9 +354,17 @@ MIRRORED = textwrap.dedent(
         lwf = kt.distillation.LearningWithoutForgetting(old, 2)
         lwf.compile(optimizer=keras.optimizers.SGD(0.5), jit_compile=False)
         lwf.fit(x, y % 2, warmup_epochs=1, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        xt, yt = data(8, seed=1)
+        # Unshuffled datasets: array data is shuffled in another order under a strategy.
+        source = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        target = tf.data.Dataset.from_tensor_slices((xt, yt % 2)).batch(4)
+        kt.fit_joint(joint, source, target, target_head=True, target_num_classes=2,
+                     regularizer="l2", epochs=1, batch_size=8, optimizer="sgd",
+                     learning_rate=0.5, jit_compile=False, verbose=0)
         return {"replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"],
                 "student": [w.tolist() for w in student.get_weights()],
-                "lwf": [w.tolist() for w in lwf.new_task_model.get_weights()]}
+                "lwf": [w.tolist() for w in lwf.new_task_model.get_weights()],
+                "joint": [w.tolist() for w in joint.get_weights()]}
 
     one = run(tf.distribute.get_strategy())
     two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
@@ -367,7 +375,11 @@ MIRRORED = textwrap.dedent(
 
 @pytest.mark.slow
 def test_mirrored_strategy_trains_as_one_device(tmp_path):
-    """Two replicas with half batches each end where one device with whole batches does."""
+    """Two replicas with half batches each end where one device with whole batches does.
+
+    Covers `kt.distill`, `LearningWithoutForgetting` and `kt.fit_joint` (one subprocess: the
+    logical devices must be set before TensorFlow starts).
+    """
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED)
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
@@ -380,6 +392,6 @@ def test_mirrored_strategy_trains_as_one_device(tmp_path):
     out = json.loads(line[len("RESULT ") :])
     assert (out["one"]["replicas"], out["two"]["replicas"]) == (1, 2)
     np.testing.assert_allclose(out["two"]["loss"], out["one"]["loss"], rtol=1e-5)
-    for key in ("student", "lwf"):
+    for key in ("student", "lwf", "joint"):
         for a, b in zip(out["one"][key], out["two"][key], strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
