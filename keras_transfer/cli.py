@@ -1117,6 +1117,123 @@ def _run_rank(args) -> int:
     return 0
 
 
+# --- distill --------------------------------------------------------------------------------------
+
+
+def _add_distill(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="Distil a trained model (a run folder) into a smaller student; save the student.",
+        description=(
+            "Train a student classifier (kt.build_classifier) on DATA with the teacher's soft "
+            "targets (kt.distill: alpha * cross-entropy on the labels + (1 - alpha) * T^2 * KL "
+            "of the softened outputs). TEACHER_DIR is a run folder from `keras-transfer train` "
+            "(model.keras, labels.txt); the student gets the teacher's input size and classes "
+            "and is written as a run folder of its own. Prints teacher and student accuracy."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  keras-transfer distill saved_models/flowers photos/ --student mobilenet_v2 "
+            "--alpha-width 0.35\n"
+            "  keras-transfer distill saved_models/fmnist fashion_mnist --per-class 100 "
+            "--temperature 10 --alpha 0.1 --epochs 10"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("teacher_dir", metavar="TEACHER_DIR", help="Run folder of the teacher.")
+    _add_data_options(parser, split_default="train")
+    parser.add_argument(
+        "--validation-split", type=float, default=None, help="Share held out for validation."
+    )
+    parser.add_argument("--test-split", default="test", help="TFDS split used as test set.")
+    student = parser.add_argument_group("student (kt.build_classifier)")
+    student.add_argument("--student", default="mobilenet_v2", help="Registry name.")
+    student.add_argument(
+        "--alpha-width", type=float, default=None, help="MobileNet width multiplier, e.g. 0.35."
+    )
+    student.add_argument(
+        "--student-weights",
+        default="imagenet",
+        help="imagenet, none (random init) or a weights file.",
+    )
+    fit = parser.add_argument_group("distillation (kt.distill)")
+    fit.add_argument("--epochs", type=int, default=5, help="Epochs (default 5).")
+    fit.add_argument("--temperature", type=float, default=4.0, help="T of the soft targets.")
+    fit.add_argument(
+        "--alpha", type=float, default=0.1, help="Weight of the labels' loss, in [0, 1]."
+    )
+    fit.add_argument("--learning-rate", type=float, default=1e-3, help="Default 1e-3.")
+    fit.add_argument("--optimizer", default="adam", help="adam, adamw, sgd, ...")
+    parser.add_argument("--name", default=None, help="Student folder name.")
+    parser.add_argument("--output-dir", default="saved_models", help="Default saved_models.")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from pathlib import Path
+
+    from keras_transfer import distillation, runs
+
+    # Every number is checked before the teacher or any data is loaded.
+    distillation.check_temperature(args.temperature, "--temperature")
+    distillation.check_alpha(args.alpha, "--alpha")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be >= 1. Received: {args.epochs}")
+    run = runs.load_run(args.teacher_dir)
+    teacher = run.model
+    distillation.classifier_head(teacher, "teacher")
+    height, width, channels = teacher.input_shape[1:]
+    image_size = height if height == width else (height, width)
+    _banner("Loading data")
+    train, val, test, names = _load_data(
+        args, image_size=image_size, channels=channels, training=True
+    )
+    if run.class_names is not None and list(run.class_names) != list(names):
+        raise CLIError(
+            f"The teacher in {args.teacher_dir!r} was trained on classes {run.class_names} but "
+            f"DATA has {list(names)}; distil on data with the teacher's classes, in its order."
+        )
+    import keras
+
+    import keras_transfer as kt
+
+    weights = args.student_weights
+    if str(weights).lower() in ("none", "null", ""):
+        weights = None
+    extra = {} if args.alpha_width is None else {"alpha": args.alpha_width}
+    keras.utils.set_random_seed(args.seed)
+    student = kt.build_classifier(
+        args.student, len(names), image_size=image_size, weights=weights, channels=channels,
+        **extra,
+    )  # fmt: skip
+    _banner(f"Distilling {teacher.name} ({teacher.count_params():,} parameters) into "
+            f"{student.name} ({student.count_params():,})")  # fmt: skip
+    history = kt.distill(
+        teacher, student, train, validation_data=val, epochs=args.epochs,
+        temperature=args.temperature, alpha=args.alpha, optimizer=args.optimizer,
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        verbose=0 if args.quiet else "auto",
+    )  # fmt: skip
+    key, held_out = ("test", test) if test is not None else ("validation", val)
+    metrics = {"teacher_dir": str(args.teacher_dir), "student": args.student}
+    if held_out is not None:
+        for role, model in (("teacher", teacher), ("student", student)):
+            metrics[role] = kt.evaluate(model, held_out, class_names=names)
+    name = args.name or f"{Path(args.teacher_dir).name}_{args.student}_distilled"
+    folder = runs.save_run(
+        Path(args.output_dir) / name, student, class_names=names, history=history,
+        metrics=metrics,
+    )  # fmt: skip
+    _banner(f"Done: {folder}")
+    if held_out is not None:
+        print(f"{key} accuracy on {metrics['student']['num_examples']} held-out images:")
+        for role, model in (("teacher", teacher), ("student", student)):
+            label = f"{role} {model.name} ({model.count_params():,} parameters)"
+            print(f"  {label:<60}  {metrics[role]['accuracy']:.3f}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 
 _COMMANDS: list = []  # (name, add_fn) pairs, filled in as sub-commands are implemented.
@@ -1125,6 +1242,7 @@ _COMMANDS.append(("weights", _add_weights))
 _COMMANDS += [("train", _add_train), ("evaluate", _add_evaluate), ("predict", _add_predict)]
 _COMMANDS.append(("discrepancy", _add_discrepancy))
 _COMMANDS.append(("rank", _add_rank))
+_COMMANDS.append(("distill", _add_distill))
 
 
 def build_parser() -> argparse.ArgumentParser:

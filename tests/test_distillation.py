@@ -395,3 +395,55 @@ def test_mirrored_strategy_trains_as_one_device(tmp_path):
     for key in ("student", "lwf", "joint"):
         for a, b in zip(out["one"][key], out["two"][key], strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "0"], "`--temperature` must be a finite number > 0"),
+        (["--alpha", "1.5"], "`--alpha` must be a number in [0, 1]"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
+def test_cli_distill_refuses_bad_numbers_before_loading(tmp_path, capsys, extra, message):
+    from keras_transfer import cli
+
+    missing = tmp_path / "no_such_run"
+    assert cli.main(["distill", str(missing), str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keras-transfer distill: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert cli.main(["distill", str(missing), str(tmp_path)]) == 2  # then the missing teacher
+    assert "no_such_run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_distill_writes_a_student_run(tmp_path, capsys):
+    from PIL import Image
+
+    from keras_transfer import cli
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    for name, color in (("blue", (30, 30, 200)), ("red", (200, 30, 30))):
+        (images / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.clip(np.array(color) + rng.normal(0, 20, (32, 32, 3)), 0, 255)
+            Image.fromarray(pixels.astype("uint8")).save(images / name / f"{i}.png")
+    teacher = kt.build_classifier("mobilenet_v2", 2, image_size=32, weights=None, alpha=0.35)
+    teacher_dir = kt.runs.save_run(tmp_path / "teacher", teacher, class_names=["blue", "red"])
+    argv = ["distill", str(teacher_dir), str(images), "--student", "mobilenet_v2"]
+    argv += ["--alpha-width", "0.35", "--student-weights", "none", "--epochs", "1"]
+    argv += ["--batch-size", "4", "--validation-split", "0.5", "--output-dir", str(tmp_path)]
+    assert cli.main([*argv, "--name", "student", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy on 4 held-out images:" in out
+    assert "teacher mobilenet_v2_classifier" in out and "student mobilenet_v2_classifier" in out
+    run = kt.runs.load_run(tmp_path / "student")
+    assert run.class_names == ["blue", "red"]
+    assert {"loss", "distillation_loss", "student_loss", "val_loss"} <= set(run.history)
+    assert 0 <= run.metrics["student"]["accuracy"] <= 1
+    assert run.metrics["teacher"]["num_examples"] == 4
