@@ -36,7 +36,7 @@ Example:
 >>> x = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
 >>> history = kt.distill(teacher, student, (x, np.arange(8) % 3), epochs=1, verbose=0)
 >>> sorted(history.history)
-['distillation_loss', 'loss', 'sparse_categorical_accuracy', 'student_loss']
+['accuracy', 'distillation_loss', 'loss', 'student_loss']
 """
 
 from __future__ import annotations
