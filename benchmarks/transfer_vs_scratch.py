@@ -7,7 +7,7 @@ Side by side, on the same few-shot training subsets and the same held-out test i
       with `training=False`, flip/rotation augmentation, head fit 20 epochs at Adam's default
       rate, then the whole base unfrozen at 1e-5 for 10 epochs;
   (c) a linear probe: logistic regression (scikit-learn defaults) on frozen pooled features;
-  (d) a small CNN trained from scratch on the 28 px images.
+  (d) a small CNN trained from scratch on the 28 px images (`kt.build_small_cnn`).
 
 Run (the full table: roughly an hour on 2 shared CPU cores; docs/benchmarks.md has results):
 
@@ -116,26 +116,9 @@ def run_linear_probe(x, y, x_test, y_test, seed, overrides):
     return float(np.mean(probe.predict(f_test) == y_test))
 
 
-def small_cnn() -> keras.Model:
-    inputs = keras.Input((28, 28, 1))
-    x = keras.layers.RandomTranslation(0.1, 0.1)(inputs)
-    x = keras.layers.RandomFlip("horizontal")(x)
-    x = keras.layers.Rescaling(1 / 255.0)(x)
-    for width in (32, 64, 128):
-        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        if width != 128:
-            x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.3)(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
-    return keras.Model(inputs, outputs, name="small_cnn")
-
-
 def run_scratch_cnn(x28, y, x28_test, y_test, seed, overrides):
     keras.utils.set_random_seed(seed)
-    model = small_cnn()
+    model = kt.build_small_cnn(NUM_CLASSES, image_size=28)  # Fashion-MNIST's own size
     steps_per_epoch = math.ceil(len(x28) / 32)
     epochs = math.ceil(600 / steps_per_epoch)  # the same ~600 updates at every label count
     model.compile(

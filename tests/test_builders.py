@@ -136,3 +136,68 @@ def test_backbone_dropout_is_inert_in_training_mode():
     assert dropouts and all(layer.rate == 0.0 for layer in dropouts)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(model(x, training=True), model(x, training=False), rtol=1e-5)
+
+
+def test_small_cnn_follows_the_model_contract(tmp_path):
+    model = kt.build_small_cnn(4, image_size=16, channels=1, widths=(8, 16))
+    assert model.inputs[0].name == INPUT_NAME and model.input_shape == (None, 16, 16, 1)
+    names = [layer.name for layer in model.layers]
+    assert names == [
+        INPUT_NAME,
+        "augmentation",
+        "rescaling",
+        "conv_0",
+        "bn_0",
+        "relu_0",
+        "max_pool_0",
+        "conv_1",
+        "bn_1",
+        "relu_1",
+        "pooling",
+        "head_dropout",
+        "logits",
+        OUTPUT_NAME,
+    ]
+    head = kt.head_of(model)
+    assert (head.kind, head.num_outputs, head.logits_layer) == ("multiclass", 4, "logits")
+    assert model.get_layer("logits").dtype_policy.name == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 1)).astype("float32")
+    # `training=False` as predict passes it: a bare call leaves Keras' random layers in training.
+    probabilities = model(x, training=False)
+    logits = kt.logits_model(model)(x, training=False)
+    np.testing.assert_allclose(probabilities, keras.ops.softmax(logits), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "small_cnn.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects
+    np.testing.assert_allclose(loaded(x, training=False), probabilities, rtol=1e-6, atol=1e-6)
+
+
+def test_small_cnn_trains_with_batchnorm_in_training_mode(images):
+    """Nothing is frozen: the convolutions and the BatchNorm statistics move, the loss falls."""
+    x, y = images
+    model = kt.build_small_cnn(3, image_size=32, channels=3, widths=(8, 16), augmentation=None)
+    bn = model.get_layer("bn_0")
+    kernel, moving_mean = np.array(model.get_layer("conv_0").kernel), np.array(bn.moving_mean)
+    assert len(model.trainable_weights) == len(model.weights) - 4  # all but moving mean/var
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    history = model.fit(x, y, batch_size=8, epochs=5, verbose=0)
+    assert not np.allclose(np.array(model.get_layer("conv_0").kernel), kernel)
+    assert not np.allclose(np.array(bn.moving_mean), moving_mean)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=1), "num_classes=1"),
+        (dict(widths=()), r"widths=\(\)"),
+        (dict(widths=(8, -4)), r"widths=\(8, -4\)"),
+        (dict(image_size=2), "at least 4 px"),
+        (dict(channels=2), "channels=2"),
+        (dict(dropout=1.0), "dropout=1.0"),
+    ],
+)
+def test_small_cnn_bad_arguments_raise_clear_errors(kwargs, match):
+    kwargs = {"num_classes": 3, "image_size": 28, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kt.build_small_cnn(**kwargs)
