@@ -22,6 +22,8 @@ class CLIError(Exception):
 _BUILTIN_IMAGE_SIZE = 96
 _STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 _TEST_SEED = 1234  # built-in datasets: the held-out test subset (as in benchmarks/)
+# --compare-scratch: optimizer steps of the small CNN, as benchmarks/transfer_vs_scratch.py (d).
+_SCRATCH_UPDATES = 600
 _FIT_OPTIONS = (
     "head_epochs",
     "finetune_epochs",
@@ -132,10 +134,19 @@ def _add_train(subparsers) -> None:
     parser.add_argument(
         "--compare-scratch",
         action="store_true",
-        help="Also run the same recipe from random initialisation and print both accuracies.",
+        help="Also train a small CNN from scratch (kt.build_small_cnn) on the same examples, "
+        "as benchmarks/transfer_vs_scratch.py does, and print both accuracies and wall times.",
+    )
+    parser.add_argument(
+        "--scratch-epochs",
+        type=int,
+        default=None,
+        help=f"Epochs of the --compare-scratch CNN (default: about {_SCRATCH_UPDATES} updates).",
     )
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 5], help="Top-k to report.")
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.add_argument(
+        "--quiet", action="store_true", help="No progress (bars in a terminal, else epoch lines)."
+    )
     parser.add_argument(
         "--plots", default=None, help="Write training curves and evaluation PNGs to this folder."
     )
@@ -283,42 +294,69 @@ def _load_data(args, *, image_size, channels, training: bool):
     return train, val, None, train.class_names
 
 
-def _progress(total_epochs: int):
-    """A Keras callback printing an ETA for the whole two-phase run after every epoch."""
+def _progress(total_epochs: int, *, quiet: bool = False):
+    """Progress of a whole run (fine_tune calls fit once per phase): `(callback, fit_verbose)`.
+
+    In a terminal Keras draws its progress bars and the callback adds an ETA line after each
+    epoch. Anywhere else (a log file, CI, a pipe) Keras would still redraw its bar on every step,
+    so it stays silent and the callback prints one line per epoch, as `verbose=2` does: the epoch,
+    its wall time, the logs and the ETA. `quiet` silences both.
+    """
     import time
 
     import keras
 
+    lines = not quiet and not sys.stdout.isatty()
+
     class RunProgress(keras.callbacks.Callback):
         start = None
+        epoch_start = None
         done = 0
         message = None
 
         def on_train_begin(self, logs=None):
-            if self.start is None:  # fine_tune calls fit once per phase
+            if self.start is None:
                 self.start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._flush()
+            self.epoch_start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             self.done += 1
-            elapsed = time.perf_counter() - self.start
+            now = time.perf_counter()
+            elapsed = now - self.start
             left = elapsed / self.done * max(total_epochs - self.done, 0)
-            # Printed once Keras's progress bar has finished its line.
-            self.message = (
-                f"  [{self.done}/{total_epochs} epochs, {elapsed:.0f} s elapsed, ETA {left:.0f} s]"
-            )
+            if lines:
+                values = " - ".join(f"{k}: {_log_value(v)}" for k, v in (logs or {}).items())
+                took = now - self.epoch_start
+                print(
+                    f"epoch {self.done}/{total_epochs} - {took:.2f} s - {values} - "
+                    f"{elapsed:.0f} s elapsed, ETA {left:.0f} s",
+                    flush=True,
+                )
+            elif not quiet:  # printed once Keras's progress bar has finished its line
+                self.message = (
+                    f"  [{self.done}/{total_epochs} epochs, {elapsed:.0f} s elapsed, "
+                    f"ETA {left:.0f} s]"
+                )
 
         def _flush(self):
             if self.message:
                 print(self.message, flush=True)
                 self.message = None
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self._flush()
-
         def on_train_end(self, logs=None):
             self._flush()
 
-    return RunProgress()
+    return RunProgress(), 0 if quiet or lines else "auto"
+
+
+def _log_value(value) -> str:
+    try:
+        return f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _banner(text: str) -> None:
@@ -383,7 +421,6 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     import os
 
     import keras_transfer as kt
-    from keras_transfer import evaluation
 
     build_kwargs = {} if args.alpha is None else {"alpha": args.alpha}
     for option in ("pooling", "dropout"):
@@ -423,12 +460,14 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
     epochs = sum(
         fit_kwargs.get(k, signature[k].default) for k in ("head_epochs", "finetune_epochs")
     )
-    # fine_tune announces its phases through logging; show them as banners.
-    logger = logging.getLogger("keras_transfer.training")
+    # fine_tune (through kt.fit_phases) announces its phases through logging; show them as banners.
+    loggers = [logging.getLogger(f"keras_transfer.{name}") for name in ("training", "phases")]
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("\n=== %(message)s ==="))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    progress, verbose = _progress(epochs, quiet=args.quiet)
     try:
         history = kt.fine_tune(
             model,
@@ -437,12 +476,20 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
             train_batchnorm=args.train_batchnorm,
             batch_size=args.batch_size,
             strategy=strategy,
-            callbacks=[_progress(epochs), *_tensorboard(args, weights, fit_kwargs, signature)],
-            verbose=0 if args.quiet else "auto",
+            callbacks=[progress, *_tensorboard(args, weights, fit_kwargs, signature)],
+            verbose=verbose,
             **fit_kwargs,
         )
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return model, history, _evaluate_splits(args, model, val, test, names)
+
+
+def _evaluate_splits(args, model, val, test, names, *, prefix: str = "") -> dict:
+    """Reports on the validation and test sets: printed, PNGs under --plots, JSON-ready dicts."""
+    from keras_transfer import evaluation
+
     metrics = {}
     for split_name, ds in (("validation", val), ("test", test)):
         if ds is not None:
@@ -453,9 +500,58 @@ def _train_once(args, weights, train, val, test, names, image_size, channels):
             if args.plots:
                 from keras_transfer import plots
 
-                scratch = "scratch_" if weights is None and args.compare_scratch else ""
-                plots.save_report_plots(report, args.plots, prefix=f"{scratch}{split_name}_")
-    return model, history, metrics
+                plots.save_report_plots(report, args.plots, prefix=f"{prefix}{split_name}_")
+    return metrics
+
+
+def _scratch_data(args, data, channels):
+    """The --compare-scratch CNN's data: the same examples; built-in datasets at their own size
+    (Fashion-MNIST's 28 px, as the benchmark trains it) rather than resized for the backbone."""
+    from keras_transfer import datasets
+
+    if args.data in datasets.DATASETS and not args.tfds:
+        return _load_data(args, image_size=None, channels=channels, training=True)[:3]
+    return data
+
+
+def _train_scratch(args, names, train, val, test) -> dict:
+    """--compare-scratch: `kt.build_small_cnn` from random initialisation, trained as
+    benchmarks/transfer_vs_scratch.py trains column (d): plain compile and fit (the model has no
+    backbone to freeze, and its BatchNorm trains), Adam at 1e-3, about `_SCRATCH_UPDATES`
+    optimizer steps. Returns its metrics, with its epochs, updates and input size."""
+    import contextlib
+    import math
+    import os
+
+    import keras
+
+    import keras_transfer as kt
+    from keras_transfer import heads, phases
+
+    steps = phases.steps_per_epoch(train) or sum(1 for _ in train)
+    epochs = args.scratch_epochs or math.ceil(_SCRATCH_UPDATES / steps)
+    size = tuple(int(d) for d in train.element_spec[0].shape[1:3])
+    channels = int(train.element_spec[0].shape[-1])
+    _banner(
+        f"Small CNN from scratch (--compare-scratch) on {size[0]}x{size[1]} px images: {epochs} "
+        f"epochs, {epochs * steps} updates"
+    )
+    strategy = _make_strategy(args.strategy)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    keras.utils.set_random_seed(args.seed)
+    with scope:
+        model = kt.build_small_cnn(len(names), image_size=size, channels=channels)
+        loss, metrics = heads.default_loss_and_metrics(model, train.element_spec[1])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=metrics)
+    progress, verbose = _progress(epochs, quiet=args.quiet)
+    callbacks = [progress]
+    if args.tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(args.tensorboard, "scratch")))
+    with scope:
+        model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    result = {"model": model.name, "image_size": list(size), "epochs": epochs}
+    result["updates"] = epochs * steps
+    return {**result, **_evaluate_splits(args, model, val, test, names, prefix="scratch_")}
 
 
 def _run_train(args) -> int:
@@ -479,7 +575,12 @@ def _run_train(args) -> int:
     channels = args.channels or (1 if builtin else 3)
     weights = None if str(args.weights).lower() in ("none", "null", "") else args.weights
     if args.compare_scratch and weights is None:
-        raise CLIError("--compare-scratch compares against --weights; drop --weights none.")
+        raise CLIError(
+            "--compare-scratch compares pretrained --weights with a small CNN trained from "
+            "scratch; drop --weights none."
+        )
+    if args.scratch_epochs is not None and args.scratch_epochs < 1:
+        raise CLIError(f"--scratch-epochs must be >= 1; got {args.scratch_epochs}.")
     if args.tensorboard and not _has_tensorboard():
         raise CLIError("--tensorboard needs the tensorboard package: pip install tensorboard")
     start = time.perf_counter()
@@ -494,41 +595,48 @@ def _run_train(args) -> int:
     folder = Path(args.output_dir) / name
     print(f"{len(names)} classes; writing to {folder}")
 
+    run_start = time.perf_counter()
     model, history, metrics = _train_once(
         args, weights, train, val, test, names, image_size, channels
     )
+    run_seconds = round(time.perf_counter() - run_start, 1)  # build, train, evaluate
     if args.plots:
         _save_training_plots(args.plots, model, history, train)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "_parser")}
     summary = {"config": config, **metrics, "seconds": round(time.perf_counter() - start, 1)}
+    summary["run_seconds"] = run_seconds
     run = dict(class_names=names, history=history)
     runs.save_run(folder, model, **run, metrics=summary)
     if args.compare_scratch:
-        _banner("Same run from random initialisation (--compare-scratch)")
-        _, _, scratch = _train_once(args, None, train, val, test, names, image_size, channels)
-        summary["scratch"] = scratch
+        scratch_data = _scratch_data(args, (train, val, test), channels)
+        scratch_start = time.perf_counter()
+        summary["scratch"] = _train_scratch(args, names, *scratch_data)
+        summary["scratch"]["run_seconds"] = round(time.perf_counter() - scratch_start, 1)
         runs.save_run(folder, model, **run, metrics=summary)
     _banner(f"Done in {time.perf_counter() - start:.0f} s: {folder}")
     key = "test" if "test" in metrics else "validation" if "validation" in metrics else None
     if key:
-        n = metrics[key]["num_examples"]
-        label = f"{args.backbone}, weights={weights or 'none (random init)'}"
-        rows = [(label, metrics[key]["accuracy"])]
-        if args.compare_scratch and key in summary["scratch"]:
-            rows.append(
-                (f"{args.backbone}, same run from random init", summary["scratch"][key]["accuracy"])
-            )
-        width = max(len(r[0]) for r in rows)
-        print(f"{key} accuracy on {n} held-out images:")
-        for text, accuracy in rows:
-            print(f"  {text:<{width}}  {accuracy:.3f}")
-        if len(rows) > 1 and rows[1][1] <= 1.5 / len(names):
-            print(
-                "  (random init is at chance: a random backbone run in inference mode, on its "
-                "initial BatchNorm statistics, gives no usable features; docs/benchmarks.md "
-                "compares with a small CNN trained from scratch)"
-            )
+        _print_comparison(args, weights, image_size, history, summary, key)
     return 0
+
+
+def _print_comparison(args, weights, image_size, history, summary, key) -> None:
+    """The final table: accuracy and wall time (build, train, evaluate) of each run."""
+    label = f"{args.backbone}, weights={weights or 'none (random init)'}, {image_size} px"
+    rows = [(f"{label}, kt.fine_tune {len(history.epoch)} epochs", summary)]
+    scratch = summary.get("scratch")
+    if scratch and key in scratch:
+        h, w = scratch["image_size"]
+        size = h if h == w else f"{h}x{w}"
+        text = f"small CNN from scratch, {size} px, {scratch['updates']} updates"
+        rows.append((f"{text} ({scratch['epochs']} epochs)", scratch))
+    width = max(len(text) for text, _ in rows)
+    print(
+        f"{key} accuracy on {summary[key]['num_examples']} held-out images "
+        "(wall time: build, train, evaluate):"
+    )
+    for text, run in rows:
+        print(f"  {text:<{width}}  {run[key]['accuracy']:.3f}  {run['run_seconds']:>5.0f} s")
 
 
 def _add_evaluate(subparsers) -> None:

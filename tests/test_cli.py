@@ -119,6 +119,7 @@ def test_plain_keras_loads_a_saved_model_after_a_lazy_import(tiny_model, tmp_pat
         (["train", *TINY], "Give the data"),
         (["evaluate", "/no/such/model.keras", "fashion_mnist"], "not found"),
         (["predict", "/no/such/model.keras", "x.png"], "does not exist"),
+        (["train", "/no/such/folder", *TINY, "--compare-scratch"], "drop --weights none"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
@@ -226,3 +227,94 @@ def test_train_with_checkpoint_dir_gives_checkpointing_a_fixed_order(
         assert cli.main(argv) == 0
     assert list(checkpoints.rglob("checkpoint.npz"))  # one folder per trained model
     assert not [r for r in caplog.records if "reshuffl" in r.getMessage()]
+
+
+def _epoch(callback, epoch, logs):
+    callback.on_epoch_begin(epoch)
+    callback.on_epoch_end(epoch, logs)
+
+
+def test_progress_prints_one_line_per_epoch_when_stdout_is_not_a_terminal(capsys):
+    callback, verbose = cli._progress(2)
+    assert verbose == 0  # no Keras bar: off a terminal it would redraw on every step
+    callback.on_train_begin()
+    _epoch(callback, 0, {"loss": 0.5, "accuracy": 0.75})
+    callback.on_train_end()
+    callback.on_train_begin()  # fine_tune fits once per phase: one count across both
+    _epoch(callback, 1, {"loss": 0.25, "accuracy": 1.0})
+    callback.on_train_end()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("epoch 1/2 - ") and "- loss: 0.5000 - accuracy: 0.7500 -" in lines[0]
+    assert lines[1].startswith("epoch 2/2 - ") and lines[1].endswith("ETA 0 s")
+
+
+def test_progress_in_a_terminal_leaves_the_bars_to_keras(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    callback, verbose = cli._progress(2)
+    assert verbose == "auto"
+    callback.on_train_begin()
+    _epoch(callback, 0, {"loss": 0.5})
+    assert capsys.readouterr().out == ""  # the ETA waits for Keras's bar to end its line
+    _epoch(callback, 1, {"loss": 0.25})
+    callback.on_train_end()
+    out = capsys.readouterr().out
+    assert "[1/2 epochs" in out and "[2/2 epochs" in out and "loss" not in out
+    quiet, verbose = cli._progress(2, quiet=True)
+    quiet.on_train_begin()
+    _epoch(quiet, 0, {"loss": 0.5})
+    quiet.on_train_end()
+    assert verbose == 0 and capsys.readouterr().out == ""
+
+
+def _fake_fashion_mnist(calls):
+    """A stand-in for the built-in loader: 28 px uint8 images, or resized float32 ones."""
+
+    def load(*, split="train", per_class=None, seed=0, image_size=None, channels=1):
+        calls.append((split, per_class, seed, image_size))
+        labels = np.repeat(np.arange(10), per_class)
+        noise = np.random.default_rng(seed).normal(0, 10, (len(labels), 28, 28, channels))
+        x = np.clip(labels[:, None, None, None] * 25.0 + noise, 0, 255).astype("uint8")
+        if image_size is not None:
+            import tensorflow as tf
+
+            x = tf.image.resize(x.astype("float32"), (image_size, image_size)).numpy()
+        return x, labels
+
+    return load
+
+
+@pytest.mark.slow
+def test_compare_scratch_trains_a_small_cnn_on_the_same_examples(tmp_path, monkeypatch, capsys):
+    from keras_transfer import datasets
+
+    calls = []
+    monkeypatch.setitem(datasets.DATASETS, "fashion_mnist", _fake_fashion_mnist(calls))
+    weights = tmp_path / "base.weights.h5"
+    kt.get_backbone("mobilenet_v2").build(32, alpha=0.35).save_weights(weights)
+    argv = ["train", "fashion_mnist", "--per-class", "2", "--test-size", "20"]
+    argv += ["--image-size", "32", "--alpha", "0.35", "--weights", str(weights)]
+    argv += ["--head-epochs", "1", "--finetune-epochs", "0", "--batch-size", "10"]
+    argv += ["--compare-scratch", "--scratch-epochs", "1", "--output-dir", str(tmp_path)]
+    assert cli.main([*argv, "--name", "demo"]) == 0
+    out = capsys.readouterr().out
+    # The backbone's data at 32 px, the small CNN's at the dataset's own 28 px: same examples.
+    assert ("train", 2, 0, 32) in calls and ("test", 2, 1234, 32) in calls
+    assert ("train", 2, 0, None) in calls and ("test", 2, 1234, None) in calls
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    scratch = metrics["scratch"]
+    assert scratch["model"] == "small_cnn" and scratch["image_size"] == [28, 28]
+    assert (scratch["epochs"], scratch["updates"]) == (1, 2)  # 20 images in batches of 10
+    assert scratch["test"]["num_examples"] == metrics["test"]["num_examples"] == 20
+    assert metrics["run_seconds"] > 0 and scratch["run_seconds"] > 0
+    header, pretrained, small = out.splitlines()[-3:]
+    assert header.startswith("test accuracy on 20 held-out images (wall time")
+    assert pretrained.split()[-3:] == [f"{metrics['test']['accuracy']:.3f}", *_secs(metrics)]
+    assert "small CNN from scratch, 28 px, 2 updates (1 epochs)" in small
+    assert small.split()[-3:] == [f"{scratch['test']['accuracy']:.3f}", *_secs(scratch)]
+    assert "\r" not in out  # stdout is not a terminal: one line per epoch, no redrawn bars
+    assert len([line for line in out.splitlines() if line.startswith("epoch 1/1 - ")]) == 2
+
+
+def _secs(run):
+    return [f"{run['run_seconds']:.0f}", "s"]
