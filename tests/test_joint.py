@@ -115,24 +115,31 @@ def test_target_head_trains_two_heads_over_one_backbone(tmp_path):
     np.testing.assert_allclose(again.predict(xt, verbose=0), target.predict(xt, verbose=0))
 
 
-@pytest.mark.slow
-def test_joint_training_on_datasets_with_a_backbone(tiny_model):
+def test_joint_training_on_datasets_with_l2sp_on_a_nested_backbone():
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    xs = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
-    source = tf.data.Dataset.from_tensor_slices((xs, np.arange(8) % 3)).batch(4)
-    target = tf.data.Dataset.from_tensor_slices((xs[:2], np.array([0, 2]))).batch(2)
-    before = tiny_model.get_weights()
+    images, inner = keras.Input((4, 4, 3), name="images"), keras.Input((4, 4, 3))
+    features = keras.layers.Dense(8, name="dense")(keras.layers.Flatten()(inner))
+    backbone = keras.Model(inner, features, name="backbone")
+    logits = keras.layers.Dense(3, name="logits")(backbone(images))
+    model = keras.Model(images, keras.layers.Activation("softmax", name="predictions")(logits))
+    (xs, ys), (xt, yt) = data(8), data(2, seed=1)
+    target = tf.data.Dataset.from_tensor_slices((xt, yt)).batch(2)
+    before = model.get_weights()
+    # L2-SP starts at the run's weights: at the first step only the head's αβ/2·‖w‖² counts.
+    head_l2 = 0.5 * 0.1 * 0.5 * sum(float(np.sum(w**2)) for w in model.get_layer("logits").weights)
+    one_step = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8)
     history = kt.fit_joint(
-        tiny_model, source, target, regularizer=kt.regularizers.L2SP(alpha=0.1), epochs=1,
-        jit_compile=False, verbose=0,
+        model, one_step, target, regularizer=kt.regularizers.L2SP(alpha=0.1, beta=0.5), epochs=1,
+        optimizer="sgd", learning_rate=0.1, jit_compile=False, verbose=0,
     )  # fmt: skip
-    assert history.params["steps"] == 2  # one pass over the source, the target cycled
-    # L2-SP starts at the phase's weights: only the head's plain L2 part is non-zero at first.
-    assert history.history["regularization_loss"][0] > 0
-    assert not same_weights(tiny_model.get_weights(), before)
-    assert tiny_model.losses == []
+    assert history.history["regularization_loss"][0] == pytest.approx(head_l2, 1e-5)
+    assert not same_weights(model.get_weights(), before)
+    assert model.losses == []
+    # An epoch is one pass over the source; the one target batch is cycled.
+    two_steps = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(4)
+    history = kt.fit_joint(model, two_steps, target, epochs=1, jit_compile=False, verbose=0)
+    assert history.params["steps"] == 2
 
 
 def test_bad_joint_input_is_refused_before_training():
