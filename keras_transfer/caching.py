@@ -268,6 +268,37 @@ def shuffles(dataset: tf.data.Dataset) -> bool:
     return False
 
 
+# Dataset ops that pass elements through as they are (for `unshuffled`).
+_PASS_THROUGH = ("_PrefetchDataset", "_OptionsDataset")
+
+
+def unshuffled(dataset: tf.data.Dataset) -> tf.data.Dataset | None:
+    """The elements of one pass of `dataset` in a fixed order, sharing its input; or None.
+
+    For the common pipelines `source.shuffle(n).batch(b)[.prefetch()]` (`kt.data.from_arrays`,
+    most hand-written ones): the same batches of the same examples, built on the very dataset
+    object below the shuffle, so nothing is copied (arrays stay where they are, unlike in a
+    serialized `detached_copy`) and the shuffle's random state is never touched. Batches keep
+    the last partial one, so every example is there. None when the pipeline does anything else
+    above its shuffle or shuffles more than once.
+    """
+    batch_size, ds = None, dataset
+    while "Shuffle" not in type(ds).__name__:
+        name = type(ds).__name__
+        if name == "_BatchDataset" and batch_size is None:
+            batch_size = ds._batch_size
+        elif name not in _PASS_THROUGH:
+            return None
+        inputs = ds._inputs()
+        if len(inputs) != 1:
+            return None
+        ds = inputs[0]
+    below = ds._inputs()
+    if batch_size is None or len(below) != 1 or shuffles(below[0]):
+        return None
+    return below[0].batch(batch_size)
+
+
 class RandomPipelineError(ValueError):
     """The training data's pipeline is random beyond its order, so caching would freeze a draw."""
 
@@ -661,7 +692,7 @@ def prepare(
     # fit would. A first pass over image keys alone catches pipelines that are random beyond
     # their order (iterating the copy, or an unshuffled source, twice changes nothing).
     shuffle = shuffles(train_data)
-    source = detached_copy(train_data) if shuffle else train_data
+    source = (unshuffled(train_data) or detached_copy(train_data)) if shuffle else train_data
     if source is None:
         logger.info(
             "The training pipeline cannot be copied, so cached phases reshuffle on their own: "

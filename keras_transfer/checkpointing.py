@@ -360,16 +360,26 @@ def _concat_histories(model, histories) -> keras.callbacks.History:
     return merge_histories(model, [(None, h) for h in histories])
 
 
+def _reshuffles(dataset: tf.data.Dataset) -> bool:
+    """Whether a `shuffle(..., reshuffle_each_iteration=True)` feeds `dataset`.
+
+    Walks the pipeline's Python objects rather than serializing it: a serialized pipeline
+    embeds its arrays as graph constants, a copy of the user's data.
+    """
+    pending = [dataset]
+    while pending:
+        ds = pending.pop()
+        if getattr(ds, "_reshuffle_each_iteration", False) is True:
+            return True
+        try:
+            pending.extend(ds._inputs())
+        except (AttributeError, TypeError):
+            continue
+    return False
+
+
 def _warn_if_reshuffling(dataset: tf.data.Dataset) -> None:
-    try:
-        graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
-    except Exception:  # noqa: BLE001 - the check is advisory
-        return
-    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
-    if any(
-        node.op.startswith("ShuffleDataset") and node.attr["reshuffle_each_iteration"].b
-        for node in nodes
-    ):
+    if _reshuffles(dataset):
         logger.warning(
             "train_data reshuffles on each iteration, so a resumed run may not see the same "
             "batches as an uninterrupted one. With checkpoint_dir, build it without its own "

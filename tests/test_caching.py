@@ -411,3 +411,43 @@ def test_one_pass_one_trace(data, monkeypatch):
     assert all(c.on_disk for p in spilled for c in p.caches)
     for phase in spilled:
         phase.close()
+
+
+_MEMORY_RUN = """
+import os, resource, sys
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import numpy as np, tensorflow as tf
+import keras_transfer as kt
+cache = sys.argv[1] == "True"
+rng = np.random.default_rng(0)
+x = rng.uniform(0, 255, (2048, 64, 64, 3)).astype("float32")
+ds = tf.data.Dataset.from_tensor_slices((x, np.arange(2048) % 10)).shuffle(2048).batch(32)
+model = kt.build_classifier("mobilenet_v2", 10, image_size=64, weights=None, alpha=0.35)
+history = kt.fine_tune(model, ds, head_epochs=1, finetune_epochs=0, cache=cache, verbose=0)
+cached = sum(c["bytes"] for caches in history.cache_info.values() for c in caches)
+print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, cached, history.cached)
+"""
+
+
+@pytest.mark.slow
+def test_cached_path_memory_is_bounded_by_the_plain_path_plus_the_cache():
+    """Peak RSS (own process each): cached <= plain + cache size + 10%, for a reshuffling
+    array pipeline (whose arrays a serialized pipeline copy would duplicate several times)."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for cache in (True, False):
+        done = subprocess.run(
+            [sys.executable, "-c", _MEMORY_RUN, str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        line = [x for x in done.stdout.splitlines() if x.startswith("PEAK")][-1].split(maxsplit=3)
+        peaks[cache] = (int(line[1]), int(line[2]), line[3])
+    (cached_peak, cache_bytes, path), (plain_peak, _, _) = peaks[True], peaks[False]
+    assert path == "{'head': True, 'finetune': None}"
+    assert cached_peak <= (plain_peak + cache_bytes) * 1.10, (cached_peak, plain_peak, cache_bytes)
