@@ -18,6 +18,7 @@ datasets.FASHION_MNIST_CLASS_NAMES[y[0]]
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pathlib
@@ -32,6 +33,8 @@ __all__ = [
     "DATASET_CLASS_NAMES",
     "FASHION_MNIST_CLASS_NAMES",
     "fashion_mnist",
+    "fashion_mnist_m",
+    "fashion_mnist_m_patches",
     "fashion_mnist_dirs",
     "few_shot_indices",
     "load",
@@ -51,7 +54,10 @@ FASHION_MNIST_CLASS_NAMES: tuple[str, ...] = (
 )
 CLASS_NAMES = FASHION_MNIST_CLASS_NAMES
 # Class names per built-in dataset, so callers (the CLI) can write `labels.txt` by dataset name.
-DATASET_CLASS_NAMES: dict[str, tuple[str, ...]] = {"fashion_mnist": FASHION_MNIST_CLASS_NAMES}
+DATASET_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": FASHION_MNIST_CLASS_NAMES,
+    "fashion_mnist_m": FASHION_MNIST_CLASS_NAMES,
+}
 
 DEBIAN_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 _FILES = {
@@ -206,8 +212,143 @@ def fashion_mnist(
     return images, labels
 
 
+# Fashion-MNIST-M's background patches: one stream per split, so train and test differ.
+_SPLIT_STREAMS = {"train": 0, "test": 1}
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, for channels=1
+
+
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple[np.ndarray, ...]:
+    """scikit-learn's two sample photos (china.jpg, flower.jpg, 427x640 RGB uint8), read from the
+    installed package; nothing is downloaded. Cached, read-only."""
+    from sklearn.datasets import load_sample_images
+
+    photos = tuple(np.asarray(image, dtype=np.uint8) for image in load_sample_images().images)
+    for photo in photos:
+        photo.setflags(write=False)
+    return photos
+
+
+def fashion_mnist_m_patches(
+    count: int, *, split: str = "train", seed: int = 0, patch_size: int = 28
+) -> np.ndarray:
+    """Where Fashion-MNIST-M takes each image's background: `(photo, top, left)` per example.
+
+    Row `i` is the patch blended into example `i` of the full `split` (before any few-shot
+    subset), so a subset's images are those of the full dataset. Drawn from
+    `np.random.default_rng((seed, split))` over scikit-learn's sample photos.
+
+    Args:
+        count: Number of examples in the split.
+        split: `"train"` or `"test"`; each has its own random stream.
+        seed: Seed of the draw.
+        patch_size: Side of the square patch, in pixels.
+
+    Returns:
+        An int64 array of shape `(count, 3)`: photo index (into
+        `sklearn.datasets.load_sample_images().images`), top row and left column.
+    """
+    photos = _sample_photos()
+    rng = np.random.default_rng((seed, _SPLIT_STREAMS[split]))
+    which = rng.integers(0, len(photos), size=count)
+    heights = np.array([p.shape[0] for p in photos])[which]
+    widths = np.array([p.shape[1] for p in photos])[which]
+    top = np.floor(rng.random(count) * (heights - patch_size + 1)).astype(np.int64)
+    left = np.floor(rng.random(count) * (widths - patch_size + 1)).astype(np.int64)
+    return np.stack([which.astype(np.int64), top, left], axis=1)
+
+
+def fashion_mnist_m(
+    split: str = "train",
+    *,
+    per_class: int | None = None,
+    seed: int = 0,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST-M: Fashion-MNIST blended with patches of real colour photos (a domain shift).
+
+    Built as MNIST-M was built from MNIST (Ganin et al., JMLR 2016, §5.2.2): for each 28x28
+    image `a` a random 28x28 patch `b` of a colour photo is cut, and every output pixel is
+    `|a - b|` per channel (the grey image repeated over R, G, B). The photos are the two that
+    ship with scikit-learn (`sklearn.datasets.load_sample_images`: a Chinese temple and a
+    flower), where Ganin et al. used BSDS500. Labels are the source images': example `i` of
+    `fashion_mnist_m(split, per_class=k, seed=s)` is example `i` of
+    `fashion_mnist(split=split, per_class=k, seed=s)` on its background
+    (`fashion_mnist_m_patches(..., seed=s)`), so the same seed gives the same dataset.
+
+    Args:
+        split: `"train"` (60,000 images) or `"test"` (10,000 images).
+        per_class: If set, a balanced few-shot subset with this many images per class, the
+            examples `fashion_mnist` picks for the same `per_class` and `seed`.
+        seed: Seed of the backgrounds and of the few-shot subset.
+        image_size: If set, the blended images are resized (bilinear) to this size, an int or
+            `(height, width)`, and returned as float32 in [0, 255].
+        channels: 3 for RGB (the dataset), or 1 for its luminance (BT.601), e.g. for a
+            greyscale model.
+
+    Returns:
+        `(images, labels)`: images of shape `(N, 28, 28, channels)` (uint8) or
+        `(N, height, width, channels)` (float32 when resized); labels int64 of shape `(N,)`
+        indexing `FASHION_MNIST_CLASS_NAMES`.
+
+    Raises:
+        TypeError: If `per_class` or `seed` is not an int.
+        ValueError: If `split`, `per_class`, `seed`, `image_size` or `channels` is invalid.
+        FileNotFoundError: If the Fashion-MNIST files are not installed.
+
+    Example:
+
+    ```python
+    x, y = fashion_mnist_m("test", per_class=5, seed=0)
+    x.shape, x.dtype  # (50, 28, 28, 3), uint8
+    ```
+    """
+    if split not in _FILES:
+        raise ValueError(
+            f"Unknown `split` for fashion_mnist_m. Expected one of {sorted(_FILES)}. "
+            f"Received: split={split!r}"
+        )
+    if not is_int(seed):
+        raise TypeError(f"`seed` must be an int, e.g. seed=0. Received: seed={seed!r}")
+    if seed < 0:
+        raise ValueError(f"`seed` must be >= 0, e.g. seed=0. Received: seed={seed!r}")
+    if channels not in (1, 3):
+        raise ValueError(
+            "`channels` must be 3 (RGB, the dataset) or 1 (its luminance). "
+            f"Received: channels={channels!r}"
+        )
+    size = None if image_size is None else image_hw(image_size)
+    if per_class is not None and not is_int(per_class):
+        raise TypeError(f"`per_class` must be an int. Received: per_class={per_class!r}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(
+            "`per_class` must be a positive number of examples per class, or None for all. "
+            f"Received: per_class={per_class}"
+        )
+
+    images, labels = fashion_mnist(split=split)
+    patches = fashion_mnist_m_patches(len(images), split=split, seed=seed)
+    if per_class is not None:
+        keep = few_shot_indices(labels, per_class, seed)
+        images, labels, patches = images[keep], labels[keep], patches[keep]
+    photos = _sample_photos()
+    side = images.shape[1]
+    backgrounds = np.empty((len(images), side, side, 3), dtype=np.int16)
+    for i, (photo, top, left) in enumerate(patches):
+        backgrounds[i] = photos[photo][top : top + side, left : left + side]
+    blended = np.abs(backgrounds - images.astype(np.int16)).astype(np.uint8)
+    if channels == 1:
+        blended = np.rint(blended @ _LUMA)[..., None].astype(np.uint8)
+    if size is not None:
+        import tensorflow as tf
+
+        return tf.image.resize(blended.astype(np.float32), size).numpy(), labels
+    return blended, labels
+
+
 # Built-in datasets by the name the CLI uses: name -> loader taking the keywords above.
-DATASETS = {"fashion_mnist": fashion_mnist}
+DATASETS = {"fashion_mnist": fashion_mnist, "fashion_mnist_m": fashion_mnist_m}
 
 
 def load(name: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:

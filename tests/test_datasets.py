@@ -117,3 +117,76 @@ def test_real_fashion_mnist_from_the_debian_package():
     np.testing.assert_array_equal(np.bincount(y), [1000] * 10)
     assert len(datasets.CLASS_NAMES) == 10 and datasets.CLASS_NAMES[9] == "Ankle boot"
     assert datasets.load("fashion_mnist", split="test", per_class=2)[0].shape == (20, 28, 28, 1)
+
+
+def _photo_patch(row: np.ndarray, side: int = 28) -> np.ndarray:
+    from sklearn.datasets import load_sample_images
+
+    photo, top, left = row
+    return load_sample_images().images[photo][top : top + side, left : left + side]
+
+
+def test_fashion_mnist_m_blends_each_image_with_a_photo_patch(fake_fashion_mnist):
+    x, y = datasets.fashion_mnist_m("train", per_class=3, seed=4)
+    source, source_labels = datasets.fashion_mnist(split="train", per_class=3, seed=4)
+    assert x.shape == (30, 28, 28, 3) and x.dtype == np.uint8
+    assert y.dtype == np.int64
+    np.testing.assert_array_equal(y, source_labels)  # the same examples, their own labels
+
+    # Example 0 against |a - b| by hand, b the patch the full split assigns to that example.
+    index = int(datasets.few_shot_indices(np.arange(60) % 10, 3, seed=4)[0])
+    patches = datasets.fashion_mnist_m_patches(60, split="train", seed=4)
+    a = source[0].astype(np.int64)  # (28, 28, 1), broadcast over R, G, B
+    b = _photo_patch(patches[index]).astype(np.int64)
+    np.testing.assert_array_equal(x[0], np.abs(a - b).astype(np.uint8))
+    assert not np.array_equal(x[0, ..., 0], x[0, ..., 1])  # colour comes from the photo
+
+    # A subset is the full dataset's examples on the same backgrounds.
+    full, _ = datasets.fashion_mnist_m("train", seed=4)
+    np.testing.assert_array_equal(full[datasets.few_shot_indices(np.arange(60) % 10, 3, 4)], x)
+
+
+def test_fashion_mnist_m_is_deterministic_in_the_seed(fake_fashion_mnist):
+    x, _ = datasets.fashion_mnist_m("test", seed=1)
+    again, _ = datasets.fashion_mnist_m("test", seed=1)
+    other, _ = datasets.fashion_mnist_m("test", seed=2)
+    np.testing.assert_array_equal(x, again)
+    assert x.shape == (30, 28, 28, 3) and not np.array_equal(x, other)
+    train = datasets.fashion_mnist_m_patches(30, split="train", seed=1)
+    assert not np.array_equal(train, datasets.fashion_mnist_m_patches(30, split="test", seed=1))
+
+
+def test_fashion_mnist_m_resize_channels_and_load(fake_fashion_mnist):
+    rgb, _ = datasets.fashion_mnist_m("test", per_class=1)
+    x, y = datasets.fashion_mnist_m("test", per_class=1, image_size=(20, 24))
+    assert x.shape == (10, 20, 24, 3) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 255.0
+    grey, _ = datasets.fashion_mnist_m("test", per_class=1, channels=1)
+    assert grey.shape == (10, 28, 28, 1) and grey.dtype == np.uint8
+    luma = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))
+    np.testing.assert_array_equal(grey[..., 0], luma)
+    loaded, labels = datasets.load("fashion_mnist_m", split="test", per_class=1, channels=3)
+    np.testing.assert_array_equal(loaded, rgb)
+    assert datasets.DATASET_CLASS_NAMES["fashion_mnist_m"] == datasets.CLASS_NAMES
+
+
+def test_fashion_mnist_m_bad_arguments_name_the_argument(tmp_path, monkeypatch):
+    # Refused before any file is read: no dataset is installed here.
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=r"Expected one of \['test', 'train'\].*split='val'"):
+        datasets.fashion_mnist_m("val")
+    with pytest.raises(ValueError, match="per_class=0"):
+        datasets.fashion_mnist_m(per_class=0)
+    with pytest.raises(TypeError, match="per_class=1.5"):
+        datasets.fashion_mnist_m(per_class=1.5)
+    with pytest.raises(TypeError, match="e.g. seed=0. Received: seed=0.5"):
+        datasets.fashion_mnist_m(seed=0.5)
+    with pytest.raises(ValueError, match="seed=-1"):
+        datasets.fashion_mnist_m(seed=-1)
+    with pytest.raises(ValueError, match="3 .RGB.*channels=2"):
+        datasets.fashion_mnist_m(channels=2)
+    with pytest.raises(ValueError, match="image_size=0.*E.g. image_size=224"):
+        datasets.fashion_mnist_m(image_size=0)
+    with pytest.raises(FileNotFoundError, match="make assets"):
+        datasets.fashion_mnist_m()
