@@ -34,6 +34,7 @@ EXPECTED = {
         figures=4,
     ),
     "02_fine_tuning_strategies.ipynb": dict(files=[], text="whole network  ", figures=2),
+    "03_domain_adaptation.ipynb": dict(files=[], text="source-only -> oracle gap", figures=1),
     "04_serving.ipynb": dict(
         files=["saved_models/models.config", "saved_models/pets/2/saved_model.pb"],
         text="PNG bytes    ->",
