@@ -1225,6 +1225,109 @@ def _run_rank(args) -> int:
     return 0
 
 
+# --- lr-find --------------------------------------------------------------------------------------
+
+
+def _add_lr_find(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lr-find",
+        help="Suggest a learning rate: fastai's LR range test (kt.find_learning_rate).",
+        description=(
+            "Build the classifier, sweep the learning rate exponentially over a short training "
+            "run of the head (or of the top BLOCKS blocks) and print the suggested rate. The "
+            "head phase trains on cached features, so it costs about one forward pass."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  keras-transfer lr-find photos/ --image-size 160 --plot lr.png\n"
+            "  keras-transfer lr-find fashion_mnist --per-class 50 --phase 2 --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_options(parser, split_default="train")
+    parser.set_defaults(validation_split=None, test_split=None)
+    parser.add_argument("--backbone", default="mobilenet_v2", help="Registry name.")
+    parser.add_argument(
+        "--weights", default="imagenet", help="imagenet, none (random init) or a weights file."
+    )
+    parser.add_argument("--alpha", type=float, default=None, help="MobileNet width multiplier.")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"Input side in pixels (default {_BUILTIN_IMAGE_SIZE} for built-in datasets, else "
+        "the backbone's default).",
+    )
+    parser.add_argument(
+        "--phase",
+        default="head",
+        help="What trains in the sweep: head (default) or a number of top blocks.",
+    )
+    parser.add_argument("--num-iterations", type=int, default=100, help="Steps of the sweep.")
+    parser.add_argument(
+        "--suggestion", default="valley", help="valley (default), steep or minimum."
+    )
+    parser.add_argument("--plot", default=None, help="Save the loss curve to this PNG.")
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    parser.set_defaults(func=_run_lr_find)
+
+
+def _run_lr_find(args) -> int:
+    import json
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*shuffle=True. was passed")
+    import keras_transfer as kt
+    from keras_transfer import datasets
+
+    if args.phase == "head":
+        phase = "head"
+    elif args.phase.isdigit() and int(args.phase) >= 1:
+        blocks = int(args.phase)
+        phase = kt.Phase(f"top_{blocks}", 1, trainable=blocks, learning_rate=1e-4)
+    else:
+        raise CLIError(f"--phase must be head or a number of top blocks >= 1; got {args.phase!r}.")
+    builtin = args.data in datasets.DATASETS and not args.tfds
+    image_size = args.image_size or (_BUILTIN_IMAGE_SIZE if builtin else None)
+    if image_size is None:
+        image_size = kt.get_backbone(args.backbone).default_size
+    channels = 1 if builtin else 3
+    weights = None if str(args.weights).lower() in ("none", "null", "") else args.weights
+    train, _, _, names = _load_data(args, image_size=image_size, channels=channels, training=True)
+    extra = {} if args.alpha is None else {"alpha": args.alpha}
+    model = kt.build_classifier(
+        args.backbone,
+        len(names),
+        image_size=image_size,
+        weights=weights,
+        channels=channels,
+        **extra,
+    )
+    result = kt.find_learning_rate(
+        model,
+        train,
+        phase=phase,
+        num_iterations=args.num_iterations,
+        suggestion=args.suggestion,
+    )
+    if args.plot:
+        import matplotlib.pyplot as plt
+
+        plt.close(result.plot(path=args.plot))
+    if args.json:
+        out = {"data": args.data or args.tfds, "backbone": args.backbone, "phase": args.phase}
+        out.update(image_size=image_size, method=result.method, suggestion=result.suggestion)
+        out.update(suggestions=result.suggestions, steps=len(result.lrs), stopped=result.stopped)
+        out.update(plot=args.plot)
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{args.data or args.tfds}: {args.backbone} at {image_size} px, phase {args.phase}")
+    print(result)
+    if args.plot:
+        print(f"Loss curve: {args.plot}")
+    return 0
+
+
 # --- distill --------------------------------------------------------------------------------------
 
 
@@ -1350,6 +1453,7 @@ _COMMANDS.append(("weights", _add_weights))
 _COMMANDS += [("train", _add_train), ("evaluate", _add_evaluate), ("predict", _add_predict)]
 _COMMANDS.append(("discrepancy", _add_discrepancy))
 _COMMANDS.append(("rank", _add_rank))
+_COMMANDS.append(("lr-find", _add_lr_find))
 _COMMANDS.append(("distill", _add_distill))
 
 

@@ -108,10 +108,16 @@ class Phase:
         regularizer: `"l2"`, `"l2sp"` or an object with `attach(model)` and `detach(model)`
             (e.g. `kt.regularizers.L2SP(alpha=0.1)`), attached when the phase begins and
             detached when it ends, so the saved model carries no trace of it.
+        layer_lr_decay: None (one rate for all), or a factor in (0, 1]: discriminative
+            learning rates, each block of the backbone below the top one (at
+            `kt.unfreeze_points`) training at `layer_lr_decay**k` times the phase's rate, k
+            counted from the top; the head and the top block train at the full rate. Works
+            with any optimizer (`kt.optimizers.DiscriminativeOptimizer` scales each
+            variable's rate, not its gradient).
 
     Raises:
         ValueError: for an empty name, negative epochs, a learning rate <= 0, an unknown
-            schedule, or warm-up with a schedule object.
+            schedule, warm-up with a schedule object, or a `layer_lr_decay` outside (0, 1].
     """
 
     name: str
@@ -124,6 +130,7 @@ class Phase:
     callbacks: tuple = field(default_factory=tuple)
     train_batchnorm: bool = False
     regularizer: object | None = None
+    layer_lr_decay: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -160,6 +167,10 @@ class Phase:
                 f"schedule={self.schedule!r}"
             )
         object.__setattr__(self, "callbacks", tuple(self.callbacks or ()))
+        if self.layer_lr_decay is not None:
+            from keras_transfer.optimizers import check_decay
+
+            check_decay(self.layer_lr_decay, f"{self.name}.layer_lr_decay")
         if isinstance(self.regularizer, str):
             from keras_transfer import regularizers
 
@@ -337,8 +348,14 @@ def check_mixed_precision(model: keras.Model, mixed_precision: str | None) -> No
         )
 
 
-def make_optimizer(spec: str | keras.optimizers.Optimizer, learning_rate, model: keras.Model):
-    """A fresh optimizer for one phase: by name, or cloned from an instance's config."""
+def make_optimizer(
+    spec: str | keras.optimizers.Optimizer,
+    learning_rate,
+    model: keras.Model,
+    layer_lr_decay: float | None = None,
+):
+    """A fresh optimizer for one phase: by name, or cloned from an instance's config; with
+    `layer_lr_decay`, wrapped to train each lower block of the backbone more slowly."""
     if isinstance(spec, str):
         optimizer = keras.optimizers.get(
             {"class_name": spec, "config": {"learning_rate": learning_rate}}
@@ -346,6 +363,12 @@ def make_optimizer(spec: str | keras.optimizers.Optimizer, learning_rate, model:
     else:
         config = dict(spec.get_config(), learning_rate=learning_rate)
         optimizer = spec.__class__.from_config(config)
+    if layer_lr_decay is not None:
+        from keras_transfer import optimizers
+
+        optimizer = optimizers.DiscriminativeOptimizer(
+            optimizer, optimizers.block_lr_multipliers(model, layer_lr_decay)
+        )
     # Phase models carry the float32 policy, so Keras would not add loss scaling on its own.
     if model.dtype_policy.name == "mixed_float16" and not isinstance(
         optimizer, keras.optimizers.LossScaleOptimizer
@@ -578,7 +601,9 @@ class _Run:
                 cached,
                 train_data,
                 validation_data,
-                optimizer=lambda: make_optimizer(phase.optimizer, rate, model),
+                optimizer=lambda: make_optimizer(
+                    phase.optimizer, rate, model, phase.layer_lr_decay
+                ),
                 strategy=self.strategy,
                 compile_kwargs=self.compile_kwargs,
                 # Data reaches fit as tf.data, shuffled (or not) by its source.
@@ -700,6 +725,11 @@ def fit_phases(
         else freezing.plan_unfreeze(model, **unfreeze_kwargs(p.trainable))
         for p in phases
     ]
+    for p in phases:
+        if p.epochs and p.layer_lr_decay is not None:
+            from keras_transfer.optimizers import block_lr_multipliers
+
+            block_lr_multipliers(model, p.layer_lr_decay)  # an unknown backbone fails now
     callbacks = list(callbacks or [])
     freezing.freeze_backbone(model)
     cached = _cached_phases(

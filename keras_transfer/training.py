@@ -72,6 +72,7 @@ def fine_tune(
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
     class_weight: Mapping[int, float] | None = None,
     train_batchnorm: bool = False,
+    layer_lr_decay: float | None = None,
     batch_size: int = 32,
     strategy: tf.distribute.Strategy | None = None,
     verbose: str | int = "auto",
@@ -118,6 +119,9 @@ def fine_tune(
         callbacks: Keras callbacks, used in both phases.
         class_weight: Optional `{class_id: weight}` for imbalanced data.
         train_batchnorm: Train BatchNorm layers in phase 2 (see `kt.unfreeze`).
+        layer_lr_decay: None, or a factor in (0, 1]: in phase 2 each backbone block below the
+            top one trains at `layer_lr_decay**k` times the rate, k counted from the top at
+            `kt.unfreeze_points` (discriminative learning rates; see `kt.Phase`).
         batch_size: Batch size per replica when data comes as arrays (the global batch is
             `batch_size * strategy.num_replicas_in_sync`); datasets are used as batched.
         strategy: A `tf.distribute.Strategy`; defaults to the one the model was built under.
@@ -192,6 +196,7 @@ def fine_tune(
             schedule="cosine",
             train_batchnorm=train_batchnorm,
             regularizer=regularizer,
+            layer_lr_decay=layer_lr_decay,
         ),
     ]
     unfreeze_kwargs(unfreeze)

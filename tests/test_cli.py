@@ -318,3 +318,20 @@ def test_compare_scratch_trains_a_small_cnn_on_the_same_examples(tmp_path, monke
 
 def _secs(run):
     return [f"{run['run_seconds']:.0f}", "s"]
+
+
+def test_lr_find_prints_the_suggestion_and_saves_the_curve(image_folder, tmp_path, capsys):
+    plot = tmp_path / "lr.png"
+    argv = ["lr-find", str(image_folder), *TINY, "--image-size", "32", "--batch-size", "4"]
+    argv += ["--num-iterations", "30", "--suggestion", "minimum", "--plot", str(plot), "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "minimum" and out["phase"] == "head" and out["image_size"] == 32
+    assert set(out["suggestions"]) == {"valley", "steep", "minimum"}
+    assert out["suggestion"] == out["suggestions"]["minimum"]
+    assert 1e-8 <= out["suggestion"] <= 1.0  # fastai: the rate at the minimum, over 10
+    assert 0 < out["steps"] <= 30 and out["stopped"] in ("completed", "diverged")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    # A bad --phase is refused before any data is read or model built.
+    assert cli.main(["lr-find", str(tmp_path / "missing"), "--phase", "top"]) == 2
+    assert "--phase must be head or a number" in capsys.readouterr().err
