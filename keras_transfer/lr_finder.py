@@ -457,7 +457,9 @@ def find_learning_rate(
                 phase.regularizer.attach(wrapper)
                 attached = True
             fit_model.compile(
-                optimizer=phases.make_optimizer(phase.optimizer, start_lr, model),
+                optimizer=phases.make_optimizer(
+                    phase.optimizer, start_lr, model, phase.layer_lr_decay
+                ),
                 loss=loss,
                 jit_compile=jit_compile,
             )
