@@ -14,7 +14,7 @@ For each: target-test accuracy (mean ± std over seeds), source-test accuracy, a
 A-distance, MMD² and CORAL distance between the two test splits in that model's own `pooling`
 features ("before" is the source-only row), then the share of the source-only -> oracle gap closed.
 
-Run (defaults: 300 images per class, 3 seeds, 10 epochs; about 15 minutes on 2 shared CPU cores):
+Run (defaults: 300 images per class, 3 seeds, 10 epochs; about 10 minutes on 2 shared CPU cores):
 
     python benchmarks/domain_adaptation.py
     python benchmarks/domain_adaptation.py --per-class 100 --seeds 0 --methods source_only dann
