@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import signal
 import socket
 import tempfile
@@ -450,6 +451,7 @@ def _address(server) -> tuple[str, int]:
 
 
 def _status_line(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The response's head and its whole body (`Content-Length` bytes, or up to the close)."""
     sock.settimeout(5)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -458,6 +460,14 @@ def _status_line(sock: socket.socket) -> tuple[bytes, bytes]:
             break
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else None
+    # The body may come in a later segment than the head: read it all.
+    while length is None or len(rest) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
     return head, rest
 
 
