@@ -190,6 +190,7 @@ CASES = [
     ),
     Case(
         "weights-not-a-file",
+        # offline: a misspelt value, refused before any download
         lambda ctx: kt.build_classifier("mobilenet_v2", 3, **dict(TINY, weights="imagenett")),
         ValueError,
         ("`weights`", "'imagenett'", "weights=None"),
@@ -202,6 +203,7 @@ CASES = [
     ),
     Case(
         "imported-weights-missing-from-cache",
+        # offline: KERAS_HOME is an empty folder here; refused before any download
         lambda ctx: kt.build_classifier("mobilenet_v2", 3, image_size=96, weights="imagenet"),
         ValueError,
         ("weights='imagenet'", "image_size=96", "keras-transfer weights fetch mobilenet_v2"),
