@@ -360,8 +360,10 @@ def test_imported_weights_load_with_weights_imagenet(keras_home):
     assert weights.imported_weights_available("mobilenet_v2", 1.0, 224, include_top=True)
     assert weights.imported_weights_available("mobilenet_v2", 1.0, 96)
 
-    # offline: keras_home (a temporary KERAS_HOME) holds the weights this test just imported
-    model = keras.applications.MobileNetV2(weights="imagenet", input_shape=(224, 224, 3))
+    model = keras.applications.MobileNetV2(
+        weights="imagenet",
+        input_shape=(224, 224, 3),  # offline: keras_home holds the import
+    )
     random = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
     labels = _imagenet_labels()
     for name, plausible in PLAUSIBLE.items():
@@ -417,8 +419,10 @@ def _torch_reference_logits(tensors: dict[str, np.ndarray], x: np.ndarray) -> np
 def test_imported_model_tracks_torchvision_reference(checkpoint, keras_home):
     # Stock Keras pads stride-2 layers bottom/right only, torch on all sides: close, not exact.
     tensors = weights.read_torch_checkpoint(checkpoint)
-    model = keras.applications.MobileNetV2(  # offline: keras_home holds the imported weights
-        weights="imagenet", input_shape=(224, 224, 3), classifier_activation=None
+    model = keras.applications.MobileNetV2(
+        weights="imagenet",  # offline: keras_home holds the imported weights
+        input_shape=(224, 224, 3),
+        classifier_activation=None,
     )
     for name in PLAUSIBLE:
         x = _photo(name, 224)
