@@ -361,8 +361,8 @@ def test_imported_weights_load_with_weights_imagenet(keras_home):
     assert weights.imported_weights_available("mobilenet_v2", 1.0, 96)
 
     model = keras.applications.MobileNetV2(
-        weights="imagenet",
-        input_shape=(224, 224, 3),  # offline: keras_home holds the import
+        weights="imagenet",  # offline: keras_home holds the import
+        input_shape=(224, 224, 3),
     )
     random = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
     labels = _imagenet_labels()
