@@ -580,13 +580,11 @@ class _Run:
         _set_trainable(model, phase)
         if self.checkpointer is not None:
             self.checkpointer.phase_begins(model, phase.name)
-        with self.strategy.scope():
-            if self.on_phase_begin is not None:
+        if self.on_phase_begin is not None:
+            with self.strategy.scope():
                 self.on_phase_begin(model, phase)
-            if phase.regularizer is not None:
-                phase.regularizer.attach(model)
         found = None
-        if phase.learning_rate == AUTO:
+        if phase.learning_rate == AUTO:  # before the regularizer: the sweep attaches its own
             from keras_transfer.lr_finder import find_learning_rate
 
             result = find_learning_rate(
@@ -595,6 +593,9 @@ class _Run:
             found = self.found_rates[phase.name] = float(result.suggestion)
             logger.info("Phase %r: learning rate %.3g from the LR finder.", phase.name, found)
         rate = _phase_learning_rate(phase, self.steps, found)
+        if phase.regularizer is not None:
+            with self.strategy.scope():
+                phase.regularizer.attach(model)
         try:
             return _fit_one(
                 model,

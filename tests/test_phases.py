@@ -247,5 +247,13 @@ def test_auto_learning_rate_comes_from_the_lr_finder_and_trains_at_it(images):
     found = history.learning_rates["head"]
     assert 1e-7 < found < 10
     assert float(model.optimizer.learning_rate) == pytest.approx(found)
+    regularized = kt.fit_phases(
+        _model(),
+        [kt.Phase("head", 1, learning_rate="auto", regularizer="l2sp")],
+        (x, y),
+        batch_size=8,
+        verbose=0,
+    )
+    assert regularized.learning_rates["head"] > 0
     with pytest.raises(ValueError, match="head_learning_rate='fast'"):
         kt.fine_tune(model, (x, y), head_learning_rate="fast", verbose=0)
