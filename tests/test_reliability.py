@@ -190,8 +190,11 @@ CASES = [
     ),
     Case(
         "weights-not-a-file",
-        # offline: a misspelt value, refused before any download
-        lambda ctx: kt.build_classifier("mobilenet_v2", 3, **dict(TINY, weights="imagenett")),
+        lambda ctx: kt.build_classifier(
+            "mobilenet_v2",
+            3,
+            **dict(TINY, weights="imagenett"),  # offline: a misspelt value, refused up front
+        ),
         ValueError,
         ("`weights`", "'imagenett'", "weights=None"),
     ),
@@ -203,10 +206,18 @@ CASES = [
     ),
     Case(
         "imported-weights-missing-from-cache",
-        # offline: KERAS_HOME is an empty folder here; refused before any download
-        lambda ctx: kt.build_classifier("mobilenet_v2", 3, image_size=96, weights="imagenet"),
+        lambda ctx: kt.build_classifier(
+            "mobilenet_v2",
+            3,
+            image_size=96,
+            weights="imagenet",  # offline: KERAS_HOME is empty here; refused before download
+        ),
         ValueError,
-        ("weights='imagenet'", "image_size=96", "keras-transfer weights fetch mobilenet_v2"),
+        (
+            "weights='imagenet'",  # offline: an expected message, not a call
+            "image_size=96",
+            "keras-transfer weights fetch mobilenet_v2",
+        ),
         setup=_empty_keras_home,
     ),
     # --- freezing and training --------------------------------------------------------------
