@@ -677,3 +677,40 @@ def test_dann_and_coral_train_under_mirrored_strategy(tmp_path):
     assert dann["domain_mirrored"]
     assert dann["single_device_gap"] < 1e-5, dann["single_device_gap"]
     assert dann["trained_distance"] > 1e-3
+
+
+# -- AdaBN: BatchNorm statistics re-estimated on the target -----------------------------------
+
+
+def test_recalibrate_batchnorm_sets_population_statistics_and_nothing_else():
+    model = kt.build_small_cnn(3, image_size=16, channels=3, widths=(4, 8), augmentation=None)
+    _, _, target = domains(n_target=12, size=16)
+    trainable = [np.array(w) for w in model.trainable_weights]
+    # In small batches, the same population statistics as one batch of all 12 for the first
+    # layer (its inputs do not depend on BatchNorm): exact sums over batches of 5, 5 and 2.
+    assert ad.recalibrate_batchnorm(model, target, batch_size=5) == ["bn_0", "bn_1"]
+    bn_0 = model.get_layer("bn_0")
+    inputs = keras.Model(model.inputs, bn_0.input)(target, training=False).numpy()
+    np.testing.assert_allclose(bn_0.moving_mean.numpy(), inputs.mean((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(bn_0.moving_variance.numpy(), inputs.var((0, 1, 2)), rtol=1e-4)
+    assert same_weights(trainable, [np.array(w) for w in model.trainable_weights])
+    # With every image in one batch, each later layer's statistics are those of its inputs
+    # under the re-estimated layers before it (AdaBN layer by layer).
+    ad.recalibrate_batchnorm(model, target, batch_size=len(target))
+    bn_1 = model.get_layer("bn_1")
+    inputs = keras.Model(model.inputs, bn_1.input)(target, training=False).numpy()
+    np.testing.assert_allclose(bn_1.moving_mean.numpy(), inputs.mean((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(bn_1.moving_variance.numpy(), inputs.var((0, 1, 2)), rtol=1e-4)
+    assert "call" not in vars(bn_1)  # the layers are restored
+
+
+def test_recalibrate_batchnorm_refuses_models_without_batchnorm_and_bad_data():
+    with pytest.raises(ValueError, match=r"'cnn' has no BatchNormalization layer"):
+        ad.recalibrate_batchnorm(small_cnn(), T)
+    model = kt.build_small_cnn(3, image_size=32, channels=3, widths=(4,))
+    before = weights_of(model)
+    with pytest.raises(ValueError, match=r"`images` is empty"):
+        ad.recalibrate_batchnorm(model, T[:0])
+    with pytest.raises(ValueError, match=r"`batch_size` .*0"):
+        ad.recalibrate_batchnorm(model, T, batch_size=0)
+    assert same_weights(before, weights_of(model))

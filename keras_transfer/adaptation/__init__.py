@@ -3,8 +3,10 @@
 Three methods, each a `keras.Model` whose per-batch maths lives in `train_step` and that wraps a
 Functional classifier split at a features layer: `DANN` (a domain classifier behind a
 `GradientReversal` layer, Ganin et al. 2016), `DeepCORAL` (covariance alignment, Sun & Saenko
-2016) and `MMD` (multi-kernel MMD², Long et al. 2015). `kt.adapt` is the one-call recipe. The
-classifier is trained in place and stays a plain model: save and export it as usual.
+2016) and `MMD` (multi-kernel MMD², Long et al. 2015). `kt.adapt` is the one-call recipe.
+`recalibrate_batchnorm` (AdaBN, Li et al. 2016) re-estimates BatchNorm statistics on the target
+after any of them, or after plain source training. The classifier is trained in place and stays
+a plain model: save and export it as usual.
 
 A saved adaptation model (`dann.save("dann.keras")`) reloads once this package is imported
 (`import keras_transfer.adaptation`), which registers its classes.
@@ -20,6 +22,7 @@ True
 """
 
 from keras_transfer.adaptation.base import DomainAdaptation, Split, split_classifier
+from keras_transfer.adaptation.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from keras_transfer.adaptation.coral import DeepCORAL, coral_loss, covariance
 from keras_transfer.adaptation.dann import (
     DANN,
@@ -45,10 +48,12 @@ __all__ = [
     "Split",
     "adapt",
     "annealed_learning_rate",
+    "batchnorm_layers",
     "coral_loss",
     "covariance",
     "mmd_loss",
     "pair_domains",
+    "recalibrate_batchnorm",
     "reversal_scale",
     "split_classifier",
 ]
