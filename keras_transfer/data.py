@@ -90,7 +90,7 @@ def scan_image_folder(directory: str | os.PathLike, *, skip_corrupt: bool = Fals
             f"({[p.name for p in class_dirs]}); classification needs at least 2. Put each "
             "class's images in its own subfolder: <directory>/<class name>/<image files>."
         )
-    paths, labels, problems = [], [], []
+    paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.iterdir() if p.name not in _IGNORED)
         nested = [p for p in files if p.is_dir()]
@@ -111,23 +111,39 @@ def scan_image_folder(directory: str | os.PathLike, *, skip_corrupt: bool = Fals
                 f"Class folder {str(class_dir)!r} is empty. Add images of class "
                 f"{class_dir.name!r} or remove the folder."
             )
-        for path in files:
-            try:
-                image = tf.io.decode_image(tf.io.read_file(str(path)), expand_animations=False)
-                if tf.size(image) == 0:
-                    raise ValueError("empty image")
-            except (tf.errors.OpError, ValueError):
-                problems.append(str(path))
-                continue
-            paths.append(str(path))
-            labels.append(label)
+        paths.extend(str(path) for path in files)
+        labels.extend([label] * len(files))
+    problems = undecodable(paths)
     if problems and not skip_corrupt:
         raise ValueError(
             f"{len(problems)} corrupt or truncated image file(s) in {str(directory)!r}: "
             f"{problems[:20]}{' ...' if len(problems) > 20 else ''}. Remove or replace them, "
             "or pass skip_corrupt=True to leave them out."
         )
-    return paths, labels, [p.name for p in class_dirs]
+    bad = set(problems)
+    keep = [i for i, path in enumerate(paths) if path not in bad]
+    return [paths[i] for i in keep], [labels[i] for i in keep], [p.name for p in class_dirs]
+
+
+def undecodable(paths: Sequence[str]) -> list[str]:
+    """The files among `paths` that cannot be read or decoded, or decode to no pixels.
+
+    Decodes in parallel in a `tf.data` pass (one file at a time in eager mode took about 4x as
+    long as an epoch of decoding), keeping nothing but each file's name.
+    """
+    if not paths:
+        return []
+
+    def nonempty(path):
+        image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        return path, tf.size(image) > 0
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(nonempty, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
+    good = set()
+    for names, ok in ds.batch(1024).as_numpy_iterator():
+        good.update(name.decode() for name in names[ok])
+    return [path for path in paths if path not in good]
 
 
 def from_folder(

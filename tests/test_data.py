@@ -55,6 +55,24 @@ def test_corrupt_and_truncated_images_are_listed_or_skipped(folder):
     assert sum(1 for _ in ds) == 15
 
 
+def test_scan_skips_bad_files_and_keeps_labels_with_their_paths(folder):
+    # The scan decodes in parallel and unordered: the paths it keeps must still carry their
+    # own class's label, in listing order, and the bad ones are named in listing order too.
+    (folder / "cat" / "0_empty.png").write_bytes(b"")
+    (folder / "fox" / "9_garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths, labels, names = kt.data.scan_image_folder(folder, skip_corrupt=True)
+    assert len(paths) == len(labels) == 15
+    assert [names[c] for c in labels] == [p.split("/")[-2] for p in paths]
+    assert paths == sorted(paths)
+    bad = [str(folder / "cat" / "0_empty.png"), str(folder / "fox" / "9_garbage.jpg")]
+    listed = sorted(str(p) for p in folder.glob("*/*"))
+    assert kt.data.undecodable(listed) == bad
+    assert kt.data.undecodable([*bad[::-1], str(folder / "missing.png")]) == [
+        *bad[::-1],
+        str(folder / "missing.png"),
+    ]
+
+
 @pytest.mark.parametrize(
     "make_bad, match",
     [
