@@ -99,18 +99,21 @@ def _check_weights(spec: Backbone, weights, channels: int, size: tuple[int, int]
 
         # Weights imported from torchvision expect torch's mean/std, not the Keras preprocessing.
         alpha = kwargs.get("alpha", 1.0)
-        if spec.name in imported.ARCHITECTURES:
-            # Offline by design: refuse before Keras would try to download the file.
-            path = imported.keras_weight_path(spec.name, alpha, size[0], include_top=False)
-            if not path.is_file():
-                raise ValueError(
-                    f"weights='imagenet' for {spec.name} (alpha={alpha}, image_size={size[0]}) "
-                    f"needs {path.name} in the Keras cache ({path.parent}), which is missing. "
-                    f"Import it once with `keras-transfer weights fetch {spec.name}` (or "
-                    "`make assets`), or pass weights=None or a weights file."
-                )
+        if spec.name not in imported.ARCHITECTURES:
+            return spec.preprocessing
+        # Offline by design: refuse before Keras would try to download the file. Keras loads its
+        # largest size's file for a non-square input (and `keras_weight_path` for other sizes).
+        rows = size[0] if size[0] == size[1] else max(imported.ARCHITECTURES[spec.name].sizes)
+        path = imported.keras_weight_path(spec.name, alpha, rows, include_top=False)
+        if not path.is_file():
+            raise ValueError(
+                f"weights='imagenet' for {spec.name} (alpha={alpha}, image_size={size[0]}) "
+                f"needs {path.name} in the Keras cache ({path.parent}), which is missing. "
+                f"Import it once with `keras-transfer weights fetch {spec.name}` (or "
+                "`make assets`), or pass weights=None or a weights file."
+            )
         if spec.name in imported.IMPORTED_PREPROCESSING and imported.imported_weights_available(
-            spec.name, alpha, size[0]
+            spec.name, alpha, rows
         ):
             return imported.IMPORTED_PREPROCESSING[spec.name]
         return spec.preprocessing

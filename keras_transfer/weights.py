@@ -765,15 +765,17 @@ def keras_weight_path(
     Args:
         arch: A key of `ARCHITECTURES`.
         alpha: Width multiplier.
-        size: Input size (rows == cols).
+        size: Input size (rows == cols); Keras uses its largest size's file for the others.
         include_top: Whether the file holds the classifier too.
         cache_dir: The Keras home to use instead of `$KERAS_HOME` (default `~/.keras`); files
             live in its `models/` sub-directory, as with `keras.utils.get_file`.
 
     Returns:
-        The path of the `.h5` file, whether or not it exists.
+        The path of the `.h5` file, whether or not it exists. For a size Keras has no file of
+        its own for, the file of its largest size, which is what `keras.applications` loads.
     """
     spec = _get_arch(arch)
+    size = size if size in spec.sizes else max(spec.sizes)
     home = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else _keras_home()
     return home / "models" / spec.file_name(alpha, size, include_top)
 
@@ -801,9 +803,6 @@ def imported_weights_available(
     Returns:
         True if the file exists and was written by `import_torchvision`.
     """
-    sizes = _get_arch(arch).sizes
-    # keras.applications falls back to its largest size's file for other sizes.
-    size = size if size in sizes else max(sizes)
     path = keras_weight_path(arch, alpha, size, include_top=include_top, cache_dir=cache_dir)
     if not path.is_file():
         return False

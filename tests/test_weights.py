@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_transfer import weights
+from keras_transfer import builders, weights
 
 # --- a tiny torch-format writer (no torch needed) -------------------------------------------------
 
@@ -279,6 +279,18 @@ def test_keras_weight_path_uses_the_names_keras_applications_looks_for(tmp_path,
         tmp_path / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
     )
     assert not weights.imported_weights_available("mobilenet_v2", 1.0, 96)
+    # keras.applications loads its largest size's file for sizes it has none of (e.g. 64 px).
+    assert weights.keras_weight_path("mobilenet_v2", 1.0, 64).name == (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+    )
+
+
+def test_imagenet_at_a_size_without_its_own_file_asks_for_the_file_keras_loads(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty cache: refused before any download
+    with pytest.raises(ValueError, match="1.0_224_no_top.h5"):
+        builders.build_classifier("mobilenet_v2", 3, image_size=64, weights="imagenet")
 
 
 # --- the real torchvision checkpoint --------------------------------------------------------------
