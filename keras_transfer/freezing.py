@@ -66,9 +66,19 @@ def _recompile(model: keras.Model) -> None:
     """Recompiles a compiled model so that `fit` sees its new trainable variables."""
     if not model.compiled:
         return
-    config = model.get_compile_config()
     with model.distribute_strategy.scope():
-        model.compile_from_config(config)
+        try:
+            model.compile_from_config(model.get_compile_config())
+        except Exception as error:  # noqa: BLE001 - any (de)serialization failure, see below
+            # A lambda or local-function loss or metric does not survive serialization (and is
+            # refused under safe mode): compile again with the live objects `compile` was given,
+            # and a fresh optimizer from the old one's config.
+            logger.debug("compile_from_config failed (%s); recompiling with live objects", error)
+            arguments = dict(model._compile_config.config)
+            optimizer = arguments["optimizer"]
+            if isinstance(optimizer, keras.optimizers.Optimizer):
+                arguments["optimizer"] = optimizer.__class__.from_config(optimizer.get_config())
+            model.compile(**arguments)
     logger.info("Recompiled %s so that its new trainable set takes effect.", model.name)
 
 

@@ -76,6 +76,25 @@ def test_unfreeze_recompiles_so_fit_trains_the_new_layers(tiny_model, images):
     assert not np.array_equal(np.array(conv.kernel), before)
 
 
+def test_unfreeze_recompiles_a_model_compiled_with_a_lambda_loss(tiny_model, images):
+    """A lambda loss cannot be serialized: the recompile reuses the live loss instead."""
+    x, y = images
+    kt.freeze_backbone(tiny_model)
+    loss = lambda t, p: keras.losses.sparse_categorical_crossentropy(t, p)  # noqa: E731
+    tiny_model.compile(keras.optimizers.Adam(0.05), loss)
+    old_optimizer = tiny_model.optimizer
+    kt.unfreeze(tiny_model, blocks=1)
+    # Recompiled: a fresh optimizer of the same config, the same live loss.
+    assert tiny_model.optimizer is not old_optimizer
+    assert isinstance(tiny_model.optimizer, keras.optimizers.Adam)
+    assert float(tiny_model.optimizer.learning_rate) == pytest.approx(0.05)
+    assert tiny_model.loss is loss
+    tiny_model.fit(x, y, epochs=1, verbose=0)
+    # Adam keeps two slots per variable it trains: the unfrozen Conv_1 kernel is among them.
+    slots = {v.path for v in tiny_model.optimizer.variables}
+    assert any("conv_1_kernel" in path.lower() for path in slots), sorted(slots)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
