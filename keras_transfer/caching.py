@@ -165,6 +165,8 @@ def cache_blocker(model, *, cut_index, augment_views, callbacks, train_data) -> 
     if train_data.cardinality() == tf.data.INFINITE_CARDINALITY:
         return "the training data repeats forever"
     if cut_index is not None:
+        if len(freezing.find_backbones(model)) > 1:
+            return "a fusion model's backbones are cached only while all are frozen (head phase)"
         backbone = freezing.find_backbone(model)
         ops = backbone.operations
         if cut_index < 0:

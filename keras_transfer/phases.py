@@ -59,16 +59,26 @@ def _epochs(name: str, value) -> int:
     return check_int(name, value, minimum=0)
 
 
+_UNFREEZE_ARGUMENTS = {"blocks", "fraction", "from_layer", "backbone", "backbones"}
+
+
 def unfreeze_kwargs(spec) -> dict | None:
     """Maps a `trainable` spec onto `kt.unfreeze` arguments; None means the head only.
 
     An int is a number of top blocks, a float a fraction of the weighted layers, a string a layer
     name (the first one that trains) or `"all"`, a mapping the `kt.unfreeze` arguments themselves.
+    A mapping keyed by backbone names (a fusion model's, `kt.build_fusion_classifier`) gives each
+    its own spec, e.g. `{"mobilenet_v2": 2}`; the backbones it leaves out stay frozen.
     """
     if spec is None:
         return None
     if isinstance(spec, Mapping):
-        return dict(spec)
+        if not spec or set(spec) & _UNFREEZE_ARGUMENTS:
+            return dict(spec)
+        each = {str(name): unfreeze_kwargs(part) for name, part in spec.items()}
+        if any(part and "backbones" in part for part in each.values()):
+            raise TypeError(f"A backbone's `trainable` cannot itself be per backbone: {spec!r}")
+        return {"backbones": each} if any(v is not None for v in each.values()) else None
     if isinstance(spec, bool):
         raise TypeError(f"`unfreeze` must be an int, float, str or dict. Received: {spec!r}")
     if isinstance(spec, int):
@@ -338,7 +348,7 @@ def check_mixed_precision(model: keras.Model, mixed_precision: str | None) -> No
             f"`mixed_precision` must be None or one of {MIXED_PRECISION}. "
             f"Received: mixed_precision={mixed_precision!r}"
         )
-    built = freezing.find_backbone(model).dtype_policy.name
+    built = freezing.find_backbones(model)[0].dtype_policy.name
     if built != mixed_precision:
         raise ValueError(
             f"mixed_precision={mixed_precision!r} was requested but model {model.name!r} was "
