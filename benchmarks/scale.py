@@ -4,7 +4,8 @@ For each size N (a fixed, seeded subset of the 60,000 training images), from arr
 folder of PNG files (written once, to `--folder-root`): MobileNetV2 with the imported ImageNet
 weights at 96 px (`channels=1`: greyscale replicated to RGB inside the model), `kt.fine_tune` with
 3 + 3 epochs and the top 2 blocks unfrozen, batch 32, no validation data. Each run is its own
-process, so its peak RSS (`ru_maxrss`) is its own. Scored on 2,000 held-out test images.
+process, so its peak RSS (`ru_maxrss`, read when `fine_tune` returns, before scoring) is its own.
+Scored on 2,000 held-out test images.
 
 The 28 px images are resized to 96 px in the input pipeline, per batch, so no N x 96 x 96 copy of
 the data exists: from arrays, `kt.data.from_arrays(x28, y).map(resize)`; from the folder,
@@ -123,10 +124,11 @@ def run(source: str, path: str, n: int, folder_root: str, spill_budget: int) -> 
 
     import keras_transfer as kt
 
+    # Under TF_CONFIG (see `--workers`), one worker of a MultiWorkerMirroredStrategy cluster,
+    # which must exist before any other TensorFlow op runs.
+    strategy = kt.make_strategy("multi_worker" if os.environ.get("TF_CONFIG") else "default")
     keras.utils.set_random_seed(SEED)
     ds, n = _pipeline(source, n, folder_root)
-    # Under TF_CONFIG (see `--workers`), one worker of a MultiWorkerMirroredStrategy cluster.
-    strategy = kt.make_strategy("multi_worker" if os.environ.get("TF_CONFIG") else "default")
     with strategy.scope():
         model = kt.build_classifier("mobilenet_v2", 10, image_size=IMAGE_SIZE, channels=1)
     rss_before = _rss_mb()
@@ -147,10 +149,13 @@ def run(source: str, path: str, n: int, folder_root: str, spill_budget: int) -> 
         **options,
     )
     seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring
     x_test, y_test = _test_set()
-    test = kt.data.from_arrays(x_test, y_test, batch_size=250, shuffle=False).map(_resize)
-    # Plain calls, not `predict`: under a multi-worker strategy `predict` would shard the test set.
-    probabilities = np.concatenate([model(images, training=False).numpy() for images, _ in test])
+    test = kt.data.from_arrays(x_test, y_test, batch_size=100, shuffle=False).map(_resize)
+    if strategy.num_replicas_in_sync > 1:  # `predict` would shard the test set over the workers
+        probabilities = np.concatenate([model(x, training=False).numpy() for x, _ in test])
+    else:
+        probabilities = model.predict(test, verbose=0)
     caches = [c for cs in getattr(history, "cache_info", {}).values() for c in cs]
     return {
         "source": source,
@@ -158,7 +163,7 @@ def run(source: str, path: str, n: int, folder_root: str, spill_budget: int) -> 
         "images": n,
         "seconds": seconds,
         "ms_per_image": 1000 * seconds / n,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_mb,
         "rss_before_mb": rss_before,
         "cache_mb": sum(c["bytes"] for c in caches if c["path"] is None) / 2**20,
         "spilled_mb": sum(c["bytes"] for c in caches if c["path"] is not None) / 2**20,
