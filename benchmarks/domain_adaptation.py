@@ -35,6 +35,9 @@ Run (defaults: 300 images per class, 3 seeds, 10 epochs; 10-20 minutes on 2 shar
 
     python benchmarks/domain_adaptation.py
     python benchmarks/domain_adaptation.py --per-class 100 --seeds 0 --methods source_only dann
+    # one process per seed, then one table:
+    for s in 0 1 2; do python benchmarks/domain_adaptation.py --seeds $s --json da$s.json & done
+    wait; python benchmarks/domain_adaptation.py --merge da0.json da1.json da2.json
 
 Needs the Fashion-MNIST files (`make assets`) and scikit-learn (its sample photos make the target
 and it fits the domain classifiers). Nothing is downloaded.
@@ -227,7 +230,28 @@ def main(argv=None) -> int:
     parser.add_argument("--coral-trade-off", type=float, default=10.0)
     parser.add_argument("--mmd-trade-off", type=float, default=1.0)
     parser.add_argument("--json", help="also write the per-seed results to this file")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: print the table of runs saved with --json (e.g. one process per "
+        "seed, run side by side)",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        runs, methods, seconds = {}, None, 0.0
+        for path in args.merge:
+            with open(path) as f:
+                saved = json.load(f)
+            runs.update({int(seed): r for seed, r in saved["runs"].items()})
+            methods = methods or saved["args"]["methods"]
+            seconds = max(seconds, saved.get("seconds", 0.0))
+        print("\n".join(table(runs, methods)))
+        print(
+            f"\nseeds {sorted(runs)} from {len(args.merge)} file(s); the longest took "
+            f"{seconds:.0f} s"
+        )
+        return 0
     args.methods = [m for m in METHODS if m in args.methods]  # the table's order
     if "source_only" not in args.methods:
         args.methods.insert(0, "source_only")  # the baseline every row is read against
@@ -253,7 +277,8 @@ def main(argv=None) -> int:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "runs": runs}, f, indent=1)
+            saved = {"args": vars(args), "runs": runs, "seconds": time.perf_counter() - start}
+            json.dump(saved, f, indent=1)
     return 0
 
 
