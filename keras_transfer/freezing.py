@@ -52,7 +52,7 @@ def find_backbones(model: keras.Model) -> list[keras.Model]:
     >>> model = kt.build_fusion_classifier(
     ...     [("mobilenet_v2", {"alpha": 0.35}), "mobilenet_v3_small"], 3,
     ...     image_size=32, weights=None)
-    >>> [b.name for b in kt.freezing.find_backbones(model)]
+    >>> [b.name for b in kt.find_backbones(model)]
     ['mobilenet_v2', 'mobilenet_v3_small']
     """
     if not isinstance(model, keras.Model):
@@ -98,8 +98,9 @@ def find_backbone(model: keras.Model, backbone: str | None = None) -> keras.Mode
         raise ValueError(
             f"Model {model.name!r} fuses {len(found)} backbones {names}: say which one with "
             f"backbone=, e.g. kt.find_backbone(model, backbone={names[0]!r}) or "
-            f"kt.unfreeze(model, blocks=2, backbone={names[0]!r}); in a kt.Phase give "
-            f"trainable={{{names[0]!r}: 2}}. kt.freezing.find_backbones(model) lists them all."
+            f"kt.unfreeze(model, blocks=2, backbone={names[0]!r}); in kt.fine_tune or a "
+            f"kt.Phase give each backbone its part, unfreeze= / trainable={{{names[0]!r}: 2}}. "
+            "kt.find_backbones(model) lists them all."
         )
     for layer in found:
         if layer.name == backbone:

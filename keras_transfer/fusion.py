@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
-from keras_transfer._validate import check_int
+from keras_transfer._validate import check_int, image_hw
 from keras_transfer.backbones import Backbone, get_backbone
 from keras_transfer.builders import (
     POOLING,
@@ -103,7 +103,8 @@ def build_fusion_classifier(
         num_classes: Number of classes; at least 2 for single-label (softmax) heads.
         image_size: Side or (height, width) of the model's input; defaults to the first
             backbone's ImageNet size. Each backbone runs at its own `image_size` option or at
-            this size, at least its minimum.
+            this size, at least its minimum (so 28 px Fashion-MNIST can go in as it is when
+            every backbone resizes, e.g. `("mobilenet_v2", {"image_size": 96})`).
         weights: `"imagenet"`, `None` (random init) or the path of a weights file; applies to
             every backbone without a `weights` option.
         pooling: `"avg"`, `"max"` or `"flatten"`, applied to each backbone's feature map.
@@ -122,7 +123,7 @@ def build_fusion_classifier(
         A Functional `keras.Model` taking float32 pixels in [0, 255] of shape
         `(batch, height, width, channels)` (input `"images"`) and returning class probabilities
         (`"predictions"`, fed by the float32 `"logits"` Dense; see `kt.head_of`). Its backbones
-        are the nested models listed by `kt.freezing.find_backbones(model)`.
+        are the nested models listed by `kt.find_backbones(model)`.
 
     Raises:
         TypeError: for `backbones` that is not a list, or a backbone that is not a name.
@@ -160,7 +161,8 @@ def build_fusion_classifier(
         )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
-    size = _image_size(entries[0][0], image_size)
+    # The input may be below a backbone's minimum when that backbone resizes to its own size.
+    size = _image_size(entries[0][0], None) if image_size is None else image_hw(image_size)
 
     # Validate every branch (sizes, weights files, modes) before building any backbone.
     branches, seen = [], {}

@@ -86,7 +86,7 @@ def test_each_backbone_sees_its_own_preprocessing(fused, data):
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
-def test_find_backbone_and_unfreeze_need_a_name_on_a_fusion_model(fresh):
+def test_find_backbone_and_unfreeze_need_a_name_on_a_fusion_model(fresh, data):
     with pytest.raises(ValueError, match=r"fuses 2 backbones .*backbone='mobilenet_v2'"):
         kt.find_backbone(fresh)
     with pytest.raises(ValueError, match="backbone="):
@@ -95,6 +95,10 @@ def test_find_backbone_and_unfreeze_need_a_name_on_a_fusion_model(fresh):
         kt.unfreeze(fresh, blocks=1, backbone="mobilenet_v3")
     with pytest.raises(ValueError, match="not both"):
         kt.unfreeze(fresh, backbone="mobilenet_v2", backbones={"mobilenet_v2": {"blocks": 1}})
+    before = weights_of(fresh)
+    with pytest.raises(ValueError, match="unfreeze= / trainable="):  # refused before training
+        kt.fine_tune(fresh, data, head_epochs=1, finetune_epochs=1, batch_size=8, verbose=0)
+    assert same_weights(weights_of(fresh), before)
     assert all(not b.trainable for b in kt.find_backbones(fresh))
 
 
