@@ -11,6 +11,7 @@ runs. Committed notebooks carry no outputs.
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -39,6 +40,22 @@ EXPECTED = {
         files=["saved_models/models.config", "saved_models/pets/2/saved_model.pb"],
         text="PNG bytes    ->",
         figures=0,
+    ),
+    "05_beyond_fine_tuning.ipynb": dict(
+        files=[],
+        text="candidates ranked in",
+        figures=0,
+        # Rows of its markdown table, each with a test accuracy in [0, 1].
+        rows=[
+            "linear probe",
+            "fine-tune",
+            "fine-tune + L2-SP",
+            "uniform soup",
+            "greedy soup",
+            "WiSE-FT",
+            "small CNN, labels only",
+            "small CNN, distilled",
+        ],
     ),
 }
 
@@ -136,3 +153,6 @@ def test_notebook_runs_in_a_kernel(path, tmp_path, kernel_specs, monkeypatch):
     assert expected["text"] in printed
     for relative in expected["files"]:
         assert (tmp_path / relative).exists(), relative
+    for row in expected.get("rows", []):
+        accuracies = re.findall(rf"^\| {re.escape(row)}[^|]* \| (\S+) \|", printed, re.M)
+        assert accuracies and all(0 <= float(a) <= 1 for a in accuracies), (row, accuracies)
