@@ -219,9 +219,16 @@ def multi_worker(args, n: int, workers: int) -> list[dict]:
     return results
 
 
-def throughput(folder_root: str, n: int, epochs: int = 2) -> dict:
-    """Images/s of `kt.data.from_folder` against a bare list-read-decode `tf.data` pipeline, and
-    the time of the up-front corrupt-file scan, on the `n`-image PNG folder."""
+def throughput(folder_root: str, n: int, rounds: int = 5) -> dict:
+    """Images/s of `kt.data.from_folder` against bare list-read-decode `tf.data` pipelines, and
+    the time of the up-front corrupt-file scan, on the `n`-image PNG folder.
+
+    The pipelines take turns, one full pass each per round, and each reports its median over
+    `rounds`: on a shared machine the load moves within seconds, and turns spread it evenly.
+    """
+    import statistics
+
+    import numpy as np
     import tensorflow as tf
 
     import keras_transfer as kt
@@ -231,30 +238,55 @@ def throughput(folder_root: str, n: int, epochs: int = 2) -> dict:
     start = time.perf_counter()
     paths, _, _ = data.scan_image_folder(folder)
     scan = time.perf_counter() - start
-    files = tf.data.Dataset.list_files(str(folder / "*" / "*.png"), shuffle=False)
-    bare = files.map(
-        lambda p: tf.io.decode_png(tf.io.read_file(p), channels=1),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    bare = bare.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+    start = time.perf_counter()
+    data.undecodable(paths)
+    check = time.perf_counter() - start
+    sample = paths[:: max(1, len(paths) // 1000)]
+    start = time.perf_counter()
+    for path in sample:  # the scan before it went parallel: one eager decode per file
+        tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    serial = (time.perf_counter() - start) / len(sample) * len(paths)
 
-    def rate(ds) -> float:
-        for _ in ds.take(1):  # warm the pipeline (and the page cache) before timing
+    def bare(size=None):
+        def load(path):
+            image = tf.io.decode_png(tf.io.read_file(path), channels=1)
+            return image if size is None else tf.image.resize(tf.cast(image, tf.float32), size)
+
+        files = tf.data.Dataset.list_files(str(folder / "*" / "*.png"), shuffle=False)
+        ds = files.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+
+    def from_folder(size):
+        return kt.data.from_folder(folder, image_size=size, channels=1, cache=False, shuffle=False)
+
+    pipelines = {
+        "bare decode": bare(),
+        "bare decode + resize 96": bare((IMAGE_SIZE, IMAGE_SIZE)),
+        "from_folder 28 px": from_folder(28),
+        "from_folder 96 px": from_folder(IMAGE_SIZE),
+    }
+    rates = {name: [] for name in pipelines}
+    for ds in pipelines.values():
+        for _ in ds.take(1):  # warm each pipeline before timing
             pass
-        best = 0.0
-        for _ in range(epochs):
+    for _ in range(rounds):
+        for name, ds in pipelines.items():
             start, count = time.perf_counter(), 0
             for batch in ds:
-                count += int(batch[0].shape[0]) if isinstance(batch, tuple) else len(batch)
-            best = max(best, count / (time.perf_counter() - start))
-        return best
-
-    rows = {"images": len(paths), "scan_seconds": scan, "bare_images_per_s": rate(bare)}
-    for size in (28, IMAGE_SIZE):
-        ds = kt.data.from_folder(folder, image_size=size, channels=1, cache=False, shuffle=False)
-        rows[f"from_folder_{size}px_images_per_s"] = rate(ds)
-    rows["loadavg"] = os.getloadavg()
-    return rows
+                count += len(batch[0] if isinstance(batch, tuple) else batch)
+            rates[name].append(count / (time.perf_counter() - start))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    epoch = len(paths) / medians["from_folder 96 px"]
+    return {
+        "images": len(paths),
+        "scan_seconds": scan,
+        "decode_check_seconds": check,
+        "serial_check_seconds_estimated": serial,
+        "from_folder_96px_epoch_seconds": epoch,
+        "images_per_s_median": medians,
+        "images_per_s_rounds": {k: np.round(v).tolist() for k, v in rates.items()},
+        "loadavg": os.getloadavg(),
+    }
 
 
 def table(results: list[dict]) -> str:
