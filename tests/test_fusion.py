@@ -184,7 +184,7 @@ def test_export_reload_outputs_equal(fused, data, tmp_path):
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
 
 
-def test_repeated_backbone_resized_branch_and_greyscale():
+def test_repeated_backbone_resized_branch_and_greyscale(tmp_path):
     model = kt.build_fusion_classifier(
         [("mobilenet_v2", {"alpha": 0.35}), ("mobilenet_v2", {"alpha": 0.35, "image_size": 48})],
         2,
@@ -201,6 +201,13 @@ def test_repeated_backbone_resized_branch_and_greyscale():
     assert cuts == {"mobilenet_v2_2": "block_16_project_BN"}
     x = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 1)).astype("float32")
     assert kt.features.extract(model, x).shape == (2, 2560)
+    # Two copies with the same layer names save and reload each with its own weights.
+    first, second = kt.find_backbones(model)
+    assert not same_weights(weights_of(first), weights_of(second))
+    model.save(tmp_path / "twice.keras")
+    reloaded = keras.saving.load_model(tmp_path / "twice.keras", safe_mode=True)
+    for got, want in zip(kt.find_backbones(reloaded), (first, second), strict=True):
+        assert got.name == want.name and same_weights(weights_of(got), weights_of(want))
 
 
 BAD_INPUT = [
