@@ -310,7 +310,10 @@ def unfreeze_points(backbone_model: keras.Model, spec: Backbone | str | None = N
     Returns:
         Layer names, topmost first.
     """
-    spec = get_backbone(spec if spec is not None else backbone_model.name)
+    key = backbone_model.name
+    if spec is None and key not in REGISTRY:  # a fusion model's repeated copy: "<name>_2"
+        key = re.sub(r"_\d+$", "", key)
+    spec = get_backbone(spec if spec is not None else key)
     pattern = re.compile(spec.block_end)
     return [
         name for name in reversed(single_tensor_cuts(backbone_model)) if pattern.fullmatch(name)

@@ -197,6 +197,8 @@ def test_repeated_backbone_resized_branch_and_greyscale(tmp_path):
     assert model.input_shape == (None, SIZE, SIZE, 1)
     assert model.name == "mobilenet_v2_mobilenet_v2_2_fusion"
     # The repeated backbone keeps its registry entry's blocks.
+    second = kt.find_backbone(model, "mobilenet_v2_2")
+    assert kt.unfreeze_points(second) == kt.unfreeze_points(second, "mobilenet_v2")
     cuts = kt.unfreeze(model, backbones={"mobilenet_v2_2": {"blocks": 1}})
     assert cuts == {"mobilenet_v2_2": "block_16_project_BN"}
     x = np.random.default_rng(1).uniform(0, 255, (2, SIZE, SIZE, 1)).astype("float32")
