@@ -140,6 +140,13 @@ def test_notebook_runs_in_a_kernel(path, tmp_path, kernel_specs, monkeypatch):
         client.execute(env=env)  # raises CellExecutionError at the first failing cell
     except nbclient.exceptions.CellExecutionError as error:
         pytest.fail(f"{path.name}: a cell failed:\n{str(error)[-4000:]}")
+    finally:
+        # nbclient shuts down only the kernels it started itself: this one is ours to stop (left
+        # running, each kernel kept its TensorFlow memory and threads until the session ended).
+        if client.kc is not None:
+            client.kc.stop_channels()
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
     seconds = time.perf_counter() - start
     print(f"{path.name}: {seconds:.1f} s")
     assert not _errors(notebook)
