@@ -38,11 +38,16 @@ format: install
 	$(VENV)/bin/ruff check --fix keras_transfer tests benchmarks
 	$(VENV)/bin/ruff format keras_transfer tests benchmarks
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one module per worker at a time so
+# module fixtures are built once; tiny-model tests are mostly single-threaded Python.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
 test: install lint assets
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install assets
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The first quickstart command: ImageNet MobileNetV2 (torchvision weights, imported offline)
 # fine-tuned on 20 Fashion-MNIST images per class, tested on 2,000 held-out images, next to a
