@@ -175,7 +175,8 @@ def from_folder(
         channels: 3 (RGB) or 1 (greyscale).
         shuffle: Shuffle the training examples each epoch.
         skip_corrupt: Leave out files that fail to decode instead of raising.
-        cache: Keep decoded images in memory after the first epoch.
+        cache: Keep decoded images in memory after the first epoch. Without it nothing but the
+            batches in flight is held: shuffling then reorders the file names before decoding.
 
     Returns:
         A dataset, or `(train, validation)` when `validation_split` is set; each has
@@ -207,10 +208,16 @@ def from_folder(
 
     def make(indices, training):
         ds = tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices]))
+        reshuffle = shuffle and training
+        if reshuffle and not cache:
+            # Shuffle the file names, not the decoded images: a buffer of every example after
+            # decoding would hold them all in memory (2.2 GB for 60,000 at 96 px, greyscale).
+            ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+            reshuffle = False
         ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
         if cache:
             ds = ds.cache()
-        return _finish(ds, class_names, batch_size, shuffle and training, seed, len(indices))
+        return _finish(ds, class_names, batch_size, reshuffle, seed, len(indices))
 
     if validation_split is None:
         return make(np.arange(len(paths)), True)

@@ -73,6 +73,29 @@ def test_scan_skips_bad_files_and_keeps_labels_with_their_paths(folder):
     ]
 
 
+def _shuffle_inputs(ds):
+    """The element specs that the shuffles of `ds`'s pipeline buffer."""
+    found, pending = [], [ds]
+    while pending:
+        d = pending.pop()
+        if "Shuffle" in type(d).__name__:
+            found.append(d.element_spec)
+        pending.extend(d._inputs())
+    return found
+
+
+def test_folder_without_cache_shuffles_file_names_not_decoded_images(folder):
+    ds = kt.data.from_folder(folder, image_size=16, batch_size=4, cache=False, seed=1)
+    # The only shuffle buffers (path, label) pairs, so no decoded image waits in a buffer.
+    specs = _shuffle_inputs(ds)
+    assert len(specs) == 1 and specs[0][0].dtype == tf.string
+    first = [np.concatenate([y.numpy() for _, y in ds]) for _ in range(2)]
+    assert sorted(first[0].tolist()) == [0] * 5 + [1] * 5 + [2] * 5
+    assert first[0].tolist() != first[1].tolist()  # reshuffled each epoch
+    cached = kt.data.from_folder(folder, image_size=16, batch_size=4, seed=1)
+    assert _shuffle_inputs(cached)[0][0].dtype == tf.float32  # after the in-memory cache
+
+
 @pytest.mark.parametrize(
     "make_bad, match",
     [
