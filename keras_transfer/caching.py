@@ -19,7 +19,8 @@ the cached training data is the pipeline itself with each image swapped for its 
 looked up by a fingerprint of the image (`keyed_batches`). So a reshuffling source hands the
 cached and the plain fit the same orders, epoch by epoch, and the two agree to float precision. A
 first pass over the fingerprints refuses pipelines that give other images on another pass (random
-ops in tf.data), whose randomness caching would freeze; they train plainly.
+ops in tf.data), whose randomness caching would freeze; they train plainly. Pipelines made of
+in-memory tensors alone (`kt.data.from_arrays`) cannot, and skip that pass.
 
 Caches live in memory up to `budget_bytes` and spill to `tf.data.Dataset.save` files beyond it
 (spilled caches reshuffle on their own: same data, another order).
@@ -301,6 +302,37 @@ def unshuffled(dataset: tf.data.Dataset) -> tf.data.Dataset | None:
     return below[0].batch(batch_size)
 
 
+# Datasets made of tensors alone: every pass gives the same elements in the same order.
+_REPLAYABLE = (
+    "_TensorSliceDataset",
+    "_TensorDataset",
+    "_RangeDataset",
+    "_BatchDataset",
+    "_PrefetchDataset",
+    "_OptionsDataset",
+    "_TakeDataset",
+    "_SkipDataset",
+    "_ZipDataset",
+    "_ConcatenateDataset",
+)
+
+
+def replays(dataset: tf.data.Dataset) -> bool:
+    """Whether every pass over `dataset` gives the same elements, from its structure alone.
+
+    True for pipelines built only of in-memory tensors and ops that cannot change them (such as
+    `unshuffled(kt.data.from_arrays(...))`); False for anything else (maps, files, generators),
+    even when it would in fact replay: those get a pass over their image keys instead.
+    """
+    pending = [dataset]
+    while pending:
+        ds = pending.pop()
+        if type(ds).__name__ not in _REPLAYABLE:
+            return False
+        pending.extend(ds._inputs())
+    return True
+
+
 class RandomPipelineError(ValueError):
     """The training data's pipeline is random beyond its order, so caching would freeze a draw."""
 
@@ -464,7 +496,7 @@ def build_caches(
         stats.reset()  # a pass may run again (exactly counted, after the first outgrew the budget)
         for element in elements:
             if head is not None:
-                stats.update(datacheck.batch_stats(*element))
+                stats.update(datacheck.array_stats(*element))
             batch_keys = image_keys(element[0]).numpy()
             if expected_keys is not None:
                 _check_keys(batch_keys, expected_keys)
@@ -701,6 +733,8 @@ def prepare(
             "same data, another order than a plain fit."
         )
         source, expected = train_data, None
+    elif replays(source):  # tensors alone: a second pass gives the same images, nothing to check
+        expected = None
     else:
         expected = np.sort(_all_keys(source))
     train_caches = build_caches(

@@ -413,6 +413,43 @@ def test_one_pass_one_trace(data, monkeypatch):
         phase.close()
 
 
+def test_array_pipeline_skips_the_key_pass(data, monkeypatch):
+    """A pipeline of in-memory tensors replays by construction: no pass over its image keys
+    before caching; a mapped one (which could be random) still gets that pass."""
+    x, y = data
+    model = make_model(x)
+    freezing.freeze_backbone(model)
+    passes = []
+    real_all_keys = caching._all_keys
+    monkeypatch.setattr(caching, "_all_keys", lambda ds: passes.append(1) or real_all_keys(ds))
+    train = kt.data.from_arrays(x, y, batch_size=16, seed=0)
+    assert caching.replays(caching.unshuffled(train))
+    phases = caching.prepare(model, train, None)
+    assert passes == [] and phases[0].caches[0].num_examples == 48
+    mapped = train.map(lambda images, labels: (images * 1.0, labels))
+    assert not caching.replays(mapped)
+    caching.prepare(model, mapped, None)
+    assert passes == [1]
+
+
+@pytest.mark.parametrize(
+    "images, labels",
+    [
+        (np.ones((3, 2, 2, 1), "float32"), np.array([0, 2, 1])),
+        (np.array([[[[np.nan]]], [[[1.0]]]], "float32"), np.array([0.5, -1.0], "float32")),
+        (np.full((2, 2, 2, 3), 7, "uint8"), np.array([[0.0, 1.0], [np.inf, 0.0]], "float32")),
+        (np.zeros((0, 2, 2, 1), "float32"), np.zeros((0,), "int64")),
+    ],
+)
+def test_caching_pass_data_check_equals_the_graph_check(images, labels):
+    """The caching pass's numpy statistics equal the tf.data ones (`datacheck.batch_stats`)."""
+    from keras_transfer import datacheck
+
+    expected = [np.asarray(v).item() for v in datacheck.batch_stats(tf.constant(images), labels)]
+    found = [np.asarray(v).item() for v in datacheck.array_stats(tf.constant(images), labels)]
+    assert found == expected
+
+
 _MEMORY_RUN = """
 import os, resource, sys
 os.environ["KERAS_BACKEND"] = "tensorflow"
