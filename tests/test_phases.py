@@ -257,3 +257,30 @@ def test_auto_learning_rate_comes_from_the_lr_finder_and_trains_at_it(images):
     assert regularized.learning_rates["head"] > 0
     with pytest.raises(ValueError, match="head_learning_rate='fast'"):
         kt.fine_tune(model, (x, y), head_learning_rate="fast", verbose=0)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_each_phase_traces_its_train_step_once(images, monkeypatch, cache):
+    """Optimizer slots built before fit: a train step that created them while traced would be
+    traced twice (the largest fixed cost of a short phase)."""
+    x, y = images
+    traces = []
+    real_train_step = keras.Model.train_step
+
+    def counting_train_step(self, data):
+        traces.append(self.name)
+        return real_train_step(self, data)
+
+    monkeypatch.setattr(keras.Model, "train_step", counting_train_step)
+    history = kt.fine_tune(
+        _model(),
+        (x, y),
+        head_epochs=2,
+        finetune_epochs=2,
+        unfreeze=2,
+        batch_size=8,
+        cache=cache,
+        verbose=0,
+    )
+    assert bool(history.cached["head"]) is cache
+    assert len(traces) == 2 and len(set(traces)) == (2 if cache else 1), traces
