@@ -399,13 +399,18 @@ def main(argv=None):
                 k["total_s"] / lim["total_s"]
                 for k, lim in zip(results["kt"], results["limit"], strict=True)
             ]
+            cpu = [
+                k["cpu_s"] / lim["cpu_s"]
+                for k, lim in zip(results["kt"], results["limit"], strict=True)
+            ]
             medians_ratio = median["kt"]["total_s"] / median["limit"]["total_s"]
             loads = [r["loadavg"][0] for rs in results.values() for r in rs]
             print(
                 f"  seed {seed}: fine_tune / limit per repeat "
                 + ", ".join(f"{r:.2f}x" for r in paired)
                 + f"; median of the paired ratios {statistics.median(paired):.2f}x, ratio of "
-                f"the medians {medians_ratio:.2f}x; 1-min load average {min(loads):.1f} to "
+                f"the medians {medians_ratio:.2f}x; CPU time median {statistics.median(cpu):.2f}x; "
+                f"1-min load average {min(loads):.1f} to "
                 f"{max(loads):.1f} on {os.cpu_count()} CPUs"
             )
     if len(medians) > 1 or args.repeats == 1:
