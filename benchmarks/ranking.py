@@ -28,7 +28,7 @@ pooled features at the candidate's depth; (1) a linear probe: the head alone, Ad
 ground truth is the test accuracy after (2); Kendall tau against the accuracy after (1) is
 printed too.
 
-Run (the README table: about 25 minutes on 2 shared CPU cores):
+Run (the README table: 191 s on 2 CPU cores at load average ~2, 23 minutes at load average 22):
 
     python benchmarks/ranking.py --json ranking.json
     python benchmarks/ranking.py --report ranking.json   # the tables again, from the file
