@@ -23,7 +23,7 @@ ops in tf.data), whose randomness caching would freeze; they train plainly. Pipe
 in-memory tensors alone (`kt.data.from_arrays`) cannot, and skip that pass.
 
 Caches live in memory up to `budget_bytes` and spill to `tf.data.Dataset.save` files beyond it
-(spilled caches reshuffle on their own: same data, another order).
+(spilled caches of reshuffling data reshuffle on their own, by chunks: same data, another order).
 
 With random augmentation before the backbone, caching happens only for `augment_views=K` (K
 augmented views stored per image, one drawn at random per image and epoch); otherwise the phase
@@ -460,6 +460,8 @@ def build_caches(
     extractors=None,
     expected_keys: np.ndarray | None = None,
     head: heads.HeadSpec | None = None,
+    mix_spilled: bool = False,
+    mix_seed: int | None = None,
 ) -> list[FeatureCache]:
     """Runs the frozen prefix once over `dataset`; returns one cache per tap.
 
@@ -473,7 +475,10 @@ def build_caches(
     Each cache records its examples' `image_keys`. With `expected_keys` (sorted keys of an
     earlier pass), an image whose key is not among them raises `RandomPipelineError` at once.
     With `head`, the pass also checks the labels and pixels against it (`kt.datacheck`) and
-    raises `ValueError` at its end.
+    raises `ValueError` at its end. With `mix_spilled` (for training data that reshuffles), spilled
+    taps are written in chunks of consecutive examples and read back in a new random order of
+    chunks each epoch, several at once (`_mixed_chunks`), so even a source in class order gives
+    mixed batches under a shuffle buffer the budget bounds.
     """
     extract_plain, extract_augmented = extractors or _extractors(
         model, split, augment_views, jit_compile
@@ -545,8 +550,14 @@ def build_caches(
             generated = tf.data.Dataset.from_generator(
                 lambda: batches(dataset), output_signature=signature
             )
-            generated.unbatch().save(path)
-            saved = tf.data.Dataset.load(path)
+            if mix_spilled:
+                chunk = -(-n // _CHUNKS)
+                generated.unbatch().enumerate().save(path, shard_func=lambda i, _: i // chunk)
+                saved = tf.data.Dataset.load(path, reader_func=_mixed_chunks(mix_seed))
+                saved = saved.map(lambda _, example: example)
+            else:
+                generated.unbatch().save(path)
+                saved = tf.data.Dataset.load(path)
         else:
             for _ in batches(dataset):
                 pass
@@ -587,6 +598,34 @@ def build_caches(
             "Cached %d %s examples at %r (%.1f MB) %s.", n, name, cut, cache.nbytes / 1e6, where
         )
     return caches
+
+
+# Spilled training caches: at most _CHUNKS files of consecutive examples, _CYCLE read at once.
+_CHUNKS, _CYCLE = 64, 16
+
+
+def _mixed_chunks(seed: int | None):
+    """A `Dataset.load` reader: a spilled cache's chunk files in a new random order each epoch.
+
+    A shuffle buffer the memory budget bounds (often a hundred examples) cannot mix a source that
+    comes in class order (an image folder, sorted arrays): its batches would be nearly single-class.
+    Reading `_CYCLE` random chunks at once puts examples from as many random stretches of the data
+    in every batch. The reader is instantiated afresh for each epoch, so its shuffle seed comes
+    from a counter (a variable would be placed per replica under a strategy).
+    """
+    epochs = itertools.count(0 if seed is None else seed * 1_000_003)
+
+    def next_seed():
+        seed = tf.py_function(lambda: next(epochs), [], tf.int64)
+        seed.set_shape(())
+        return seed
+
+    def read(chunks: tf.data.Dataset) -> tf.data.Dataset:
+        return chunks.shuffle(4 * _CHUNKS, seed=next_seed()).interleave(
+            lambda chunk: chunk, cycle_length=_CYCLE, num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+    return read
 
 
 def _check_keys(batch_keys: np.ndarray, expected_keys: np.ndarray) -> None:
@@ -750,6 +789,8 @@ def prepare(
         extractors=(plain, augmented),
         expected_keys=expected,
         head=head,
+        mix_spilled=shuffle,
+        mix_seed=seed,
     )
     val_caches = [None] * len(train_caches)
     if validation_data is not None:

@@ -241,6 +241,26 @@ def test_spills_to_disk_beyond_budget(data, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_spilled_cache_of_a_class_ordered_source_gives_mixed_batches(data, tmp_path):
+    """A budget-bound shuffle buffer alone would hand out single-class batches here."""
+    x, y = data
+    order = np.argsort(y, kind="stable")  # the source comes class by class, as a folder does
+    x, y = x[order], y[order]
+    model = make_model(x)
+    freezing.freeze_backbone(model)
+    train = kt.data.from_arrays(x, y, batch_size=8, shuffle=True, seed=0)
+    (phase,) = caching.prepare(model, train, None, budget_bytes=0, cache_dir=tmp_path)
+    assert phase.caches[0].on_disk
+    epochs = [[b[1].numpy() for b in phase.train_data] for _ in range(2)]
+    for batches in epochs:
+        labels = np.concatenate(batches)
+        assert sorted(labels.tolist()) == sorted(y.tolist())  # every example once per epoch
+        mixed = sum(len(set(b.tolist())) > 1 for b in batches)
+        assert mixed >= len(batches) - 1, [b.tolist() for b in batches]
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
+    phase.close()
+
+
 def test_fine_tune_spills_and_cleans_up(data, tmp_path):
     x, y = data
     seen = []
