@@ -19,8 +19,6 @@ import keras
 
 from keras_transfer._validate import image_hw
 
-PREPROCESSING_MODES = ("tf", "torch", "caffe", "none")
-
 
 @dataclass(frozen=True)
 class Backbone:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import keras
 from keras.applications import imagenet_utils
 
-from keras_transfer.backbones import PREPROCESSING_MODES
+# The modes `BackbonePreprocessing` knows; `kt.backbones` re-exports them. Defined here, not there:
+# the import hook in `keras_transfer/__init__.py` loads this module as soon as Keras loads, which
+# can be in the middle of importing `kt.backbones` itself.
+PREPROCESSING_MODES = ("tf", "torch", "caffe", "none")
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")

@@ -112,6 +112,22 @@ def test_plain_keras_loads_a_saved_model_after_a_lazy_import(tiny_model, tmp_pat
     assert done.stdout.split()[-1] == "BackbonePreprocessing"
 
 
+def test_a_module_importing_keras_first_thing_after_a_lazy_import():
+    """`kt.list_backbones()` first loads `kt.backbones`, whose `import keras` fires the layer
+    registration hook in the middle of that import: the hook must not need `kt.backbones`."""
+    code = (
+        "import sys, keras_transfer as kt\n"
+        "assert 'keras' not in sys.modules\n"
+        "print('mobilenet_v2' in kt.list_backbones(), kt.layers.BackbonePreprocessing.__name__)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", "BackbonePreprocessing"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
