@@ -1,6 +1,11 @@
 """Tests for `keras_transfer.fusion` and the toolkit on fusion models: graph, preprocessing,
 per-backbone freezing, phases, caching, features, `.keras` and SavedModel round trips, errors."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -246,3 +251,66 @@ def test_phase_trainable_per_backbone_spelling():
     }
     assert kt.phases.unfreeze_kwargs({"mobilenet_v2": None}) is None  # head only
     assert kt.phases.unfreeze_kwargs({"blocks": 2}) == {"blocks": 2}  # kt.unfreeze's own form
+
+
+MIRRORED = """
+import json, os
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+import keras_transfer as kt
+
+rng = np.random.default_rng(0)
+y = np.arange(16) % 3
+x = np.clip(rng.uniform(0, 255, (16, 32, 32, 3)) * 0.5 + y[:, None, None, None] * 60, 0, 255)
+data = tf.data.Dataset.from_tensor_slices((x.astype("float32"), y)).batch(8)
+# Adam: random-init backbones pass tiny gradients, which SGD's steps would lose in float32.
+phases = [kt.Phase("head", 1, learning_rate=1e-3),
+          kt.Phase("top", 1, trainable={"mobilenet_v2": 1}, learning_rate=1e-3)]
+
+def run(strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = kt.build_fusion_classifier([("mobilenet_v2", {"alpha": 0.35}),
+                                            "mobilenet_v3_small"], 3, image_size=32,
+                                           weights=None, dropout=0.0)
+    v2 = kt.find_backbone(model, "mobilenet_v2")
+    weights = v2.get_weights() + model.get_layer("logits").get_weights()[:1]
+    start = [np.array(w, copy=True) for w in weights]
+    history = kt.fit_phases(model, phases, data, strategy=strategy, jit_compile=False,
+                            verbose=0)
+    after = v2.get_weights() + [model.get_layer("logits").get_weights()[0]]
+    moved = [float(np.abs(a - b).max()) for a, b in zip(after, start)]
+    return {"replicas": strategy.num_replicas_in_sync, "loss": history.history["loss"],
+            "cached": history.cached, "weights": [w.tolist() for w in model.get_weights()],
+            "moved": [sum(m > 0 for m in moved[:-1]), moved[-1]]}
+
+one = run(tf.distribute.get_strategy())
+two = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+print("RESULT " + json.dumps({"one": one, "two": two}))
+"""
+
+
+@pytest.mark.slow
+def test_fit_phases_on_a_fusion_model_under_mirrored_strategy(tmp_path):
+    """Two replicas (logical CPUs, set before TensorFlow starts: a subprocess) end where one
+    device does, through a cached head phase and a plain per-backbone unfreeze."""
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    assert (out["one"]["replicas"], out["two"]["replicas"]) == (1, 2)
+    assert out["two"]["cached"] == out["one"]["cached"] == {"head": "pooling", "top": False}
+    np.testing.assert_allclose(out["two"]["loss"], out["one"]["loss"], rtol=1e-5)
+    for a, b in zip(out["one"]["weights"], out["two"]["weights"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for run in ("one", "two"):  # it trained: the head, and variables of the unfrozen backbone
+        unfrozen_moved, head_moved = out[run]["moved"]
+        assert unfrozen_moved > 0 and head_moved > 0, out[run]["moved"]
