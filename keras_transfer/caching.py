@@ -476,9 +476,9 @@ def build_caches(
     earlier pass), an image whose key is not among them raises `RandomPipelineError` at once.
     With `head`, the pass also checks the labels and pixels against it (`kt.datacheck`) and
     raises `ValueError` at its end. With `mix_spilled` (for training data that reshuffles), spilled
-    taps are written in chunks of consecutive examples and read back in a new random order of
-    chunks each epoch, several at once (`_mixed_chunks`), so even a source in class order gives
-    mixed batches under a shuffle buffer the budget bounds.
+    taps are written in chunks of consecutive examples and read back in a random order of chunks,
+    several at once (`_mixed_chunks`), so even a source in class order gives mixed batches under a
+    shuffle buffer the budget bounds.
     """
     extract_plain, extract_augmented = extractors or _extractors(
         model, split, augment_views, jit_compile
@@ -553,7 +553,8 @@ def build_caches(
             if mix_spilled:
                 chunk = -(-n // _CHUNKS)
                 generated.unbatch().enumerate().save(path, shard_func=lambda i, _: i // chunk)
-                saved = tf.data.Dataset.load(path, reader_func=_mixed_chunks(mix_seed))
+                reader = _mixed_chunks(-(-n // chunk), mix_seed)
+                saved = tf.data.Dataset.load(path, reader_func=reader)
                 saved = saved.map(lambda _, example: example)
             else:
                 generated.unbatch().save(path)
@@ -604,24 +605,20 @@ def build_caches(
 _CHUNKS, _CYCLE = 64, 16
 
 
-def _mixed_chunks(seed: int | None):
-    """A `Dataset.load` reader: a spilled cache's chunk files in a new random order each epoch.
+def _mixed_chunks(num_chunks: int, seed: int | None):
+    """A `Dataset.load` reader: a spilled cache's chunk files in a shuffled order, `_CYCLE` at once.
 
     A shuffle buffer the memory budget bounds (often a hundred examples) cannot mix a source that
     comes in class order (an image folder, sorted arrays): its batches would be nearly single-class.
     Reading `_CYCLE` random chunks at once puts examples from as many random stretches of the data
-    in every batch. The reader is instantiated afresh for each epoch, so its shuffle seed comes
-    from a counter (a variable would be placed per replica under a strategy).
+    in every batch. The chunk order is drawn when the reader runs, at each epoch; under a global
+    seed (or with `seed`) it is the same order each epoch, and the budget-bound shuffle on top
+    varies the batches. (A seed tensor fed per epoch trips `Dataset.shuffle` under a global seed
+    of 0, and rotating the order per epoch crashed TensorFlow's iterator.)
     """
-    epochs = itertools.count(0 if seed is None else seed * 1_000_003)
-
-    def next_seed():
-        seed = tf.py_function(lambda: next(epochs), [], tf.int64)
-        seed.set_shape(())
-        return seed
 
     def read(chunks: tf.data.Dataset) -> tf.data.Dataset:
-        return chunks.shuffle(4 * _CHUNKS, seed=next_seed()).interleave(
+        return chunks.shuffle(num_chunks, seed=seed).interleave(
             lambda chunk: chunk, cycle_length=_CYCLE, num_parallel_calls=tf.data.AUTOTUNE
         )
 
