@@ -278,28 +278,56 @@ _PASS_THROUGH = ("_PrefetchDataset", "_OptionsDataset")
 def unshuffled(dataset: tf.data.Dataset) -> tf.data.Dataset | None:
     """The elements of one pass of `dataset` in a fixed order, sharing its input; or None.
 
-    For the common pipelines `source.shuffle(n).batch(b)[.prefetch()]` (`kt.data.from_arrays`,
-    most hand-written ones): the same batches of the same examples, built on the very dataset
-    object below the shuffle, so nothing is copied (arrays stay where they are, unlike in a
-    serialized `detached_copy`) and the shuffle's random state is never touched. Batches keep
-    the last partial one, so every example is there. None when the pipeline does anything else
-    above its shuffle or shuffles more than once.
+    For the common pipelines `source.shuffle(n).batch(b)[.map(f)][.prefetch()]`
+    (`kt.data.from_arrays`, most hand-written ones, a per-batch resize): the same batches of the
+    same examples, built on the very dataset object below the shuffle, so nothing is copied
+    (arrays stay where they are, unlike in a serialized `detached_copy`) and the shuffle's random
+    state is never touched; maps above the shuffle run again with their traced functions. Batches
+    keep the last partial one, so every example is there. None when the pipeline does anything
+    else above its shuffle, maps to other than dense tensors, or shuffles more than once.
     """
-    batch_size, ds = None, dataset
+    above, batches, ds = [], 0, dataset  # the ops above the shuffle, from the top down
     while "Shuffle" not in type(ds).__name__:
         name = type(ds).__name__
-        if name == "_BatchDataset" and batch_size is None:
-            batch_size = ds._batch_size
-        elif name not in _PASS_THROUGH:
+        if name == "_BatchDataset":
+            batches += 1
+        elif name not in _PASS_THROUGH and not (name in _MAPS and _dense(ds)):
             return None
+        above.append(ds)
         inputs = ds._inputs()
         if len(inputs) != 1:
             return None
         ds = inputs[0]
     below = ds._inputs()
-    if batch_size is None or len(below) != 1 or shuffles(below[0]):
+    if batches != 1 or len(below) != 1 or shuffles(below[0]):
         return None
-    return below[0].batch(batch_size)
+    rebuilt = below[0]
+    for op in reversed(above):
+        if type(op).__name__ == "_BatchDataset":
+            rebuilt = rebuilt.batch(op._batch_size)
+        elif type(op).__name__ in _MAPS:
+            rebuilt = _map_again(op, rebuilt)
+    return rebuilt
+
+
+# Maps above a shuffle (a per-batch resize, say) are applied again, with the same traced function.
+_MAPS = ("_MapDataset", "_ParallelMapDataset")
+
+
+def _dense(ds: tf.data.Dataset) -> bool:
+    """Whether a map's input and output elements are dense tensors (flat lists of them)."""
+    specs = tf.nest.flatten(ds.element_spec) + tf.nest.flatten(ds._inputs()[0].element_spec)
+    return hasattr(ds, "_map_func") and all(type(s) is tf.TensorSpec for s in specs)
+
+
+def _map_again(op: tf.data.Dataset, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds.map(f)` for the function `op` maps with (traced already: no Python function needed)."""
+    function, spec = op._map_func.function, op.element_spec
+
+    def call(*element):
+        return tf.nest.pack_sequence_as(spec, function(*tf.nest.flatten(element)))
+
+    return ds.map(call, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # Datasets made of tensors alone: every pass gives the same elements in the same order.

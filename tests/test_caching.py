@@ -452,6 +452,26 @@ def test_array_pipeline_skips_the_key_pass(data, monkeypatch):
     assert passes == [1]
 
 
+def test_unshuffled_sees_through_a_per_batch_map(data):
+    """`shuffle.batch.map(resize)` is read below its shuffle with the map applied again (no
+    serialized copy holding the arrays as constants), and the shuffle's orders stay untouched."""
+    x, y = data
+
+    def pipeline():
+        keras.utils.set_random_seed(3)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(48).batch(16)
+        return ds.map(lambda i, t: (tf.image.resize(i, (8, 8)), t)).prefetch(1)
+
+    first = [b[1].numpy().tolist() for b in pipeline()]
+    ds = pipeline()
+    fixed = caching.unshuffled(ds)
+    assert fixed is not None
+    images, labels = (np.concatenate(p) for p in zip(*fixed.as_numpy_iterator(), strict=True))
+    np.testing.assert_array_equal(labels, y)  # the source's own order, every example once
+    np.testing.assert_allclose(images, tf.image.resize(x, (8, 8)).numpy())
+    assert [b[1].numpy().tolist() for b in ds] == first  # the shuffle did not advance
+
+
 @pytest.mark.parametrize(
     "images, labels",
     [
