@@ -607,8 +607,13 @@ def build_caches(
     caches = []
     for i, size in enumerate(per_example):
         if in_memory[i]:
-            array = tf.constant(np.concatenate(stores[i]))
-            stores[i] = []
+            # One copy at a time: the batches, then one array, then the tensor (each freed as
+            # soon as the next exists, so the peak is twice the cache, not three times).
+            parts, stores[i] = stores[i], []
+            merged = np.concatenate(parts)
+            del parts
+            array = tf.constant(merged)
+            del merged
             ds = tf.data.Dataset.from_tensor_slices((array, *target_arrays))
             caches.append(
                 FeatureCache(
