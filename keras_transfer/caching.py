@@ -580,10 +580,18 @@ def build_caches(
             )
             if mix_spilled:
                 chunk = -(-n // _CHUNKS)
-                generated.unbatch().enumerate().save(path, shard_func=lambda i, _: i // chunk)
+
+                @tf.autograph.experimental.do_not_convert
+                def chunk_of(index, _):
+                    return index // chunk
+
+                @tf.autograph.experimental.do_not_convert
+                def example_of(_, example):
+                    return example
+
+                generated.unbatch().enumerate().save(path, shard_func=chunk_of)
                 reader = _mixed_chunks(-(-n // chunk), mix_seed)
-                saved = tf.data.Dataset.load(path, reader_func=reader)
-                saved = saved.map(lambda _, example: example)
+                saved = tf.data.Dataset.load(path, reader_func=reader).map(example_of)
             else:
                 generated.unbatch().save(path)
                 saved = tf.data.Dataset.load(path)
@@ -650,6 +658,7 @@ def _mixed_chunks(num_chunks: int, seed: int | None):
     of 0, and rotating the order per epoch crashed TensorFlow's iterator.)
     """
 
+    @tf.autograph.experimental.do_not_convert  # plain tf.data calls: nothing to convert
     def read(chunks: tf.data.Dataset) -> tf.data.Dataset:
         return chunks.shuffle(num_chunks, seed=seed).interleave(
             lambda chunk: chunk, cycle_length=_CYCLE, num_parallel_calls=tf.data.AUTOTUNE
