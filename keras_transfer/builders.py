@@ -139,17 +139,7 @@ def _backbone_features(
     """Builds inputs -> augmentation -> preprocessing -> backbone -> pooling; returns (in, out)."""
     spec = get_backbone(backbone)
     size = _image_size(spec, image_size)
-    if channels not in (1, 3):
-        raise ValueError(
-            "`channels` must be 1 (greyscale, replicated to RGB inside the model) or 3 (RGB); "
-            f"ImageNet backbones take 3-channel images. Received: channels={channels!r}. "
-            "Convert other images to greyscale or RGB first."
-        )
-    if pooling not in POOLING:
-        raise ValueError(
-            f"Unknown `pooling` type. Pooling should be one of {POOLING}. "
-            f"Received: pooling={pooling!r}"
-        )
+    check_input_arguments(channels, pooling)
     for reserved in ("include_top", "input_shape", "input_tensor", "pooling", "classes"):
         if reserved in backbone_kwargs:
             raise ValueError(
@@ -202,6 +192,38 @@ def _backbone_features(
     return inputs, x, spec
 
 
+def check_num_classes(num_classes: int, multi_label: bool) -> None:
+    """Validates a classifier's `num_classes` (a softmax needs two or more)."""
+    check_int("num_classes", num_classes, minimum=1)
+    if num_classes < 2 and not multi_label:
+        raise ValueError(
+            "`num_classes` must be at least 2 for a softmax classifier (one class always gets "
+            f"probability 1). Received: num_classes={num_classes!r}. For a binary problem use "
+            "num_classes=2, or num_classes=1 with multi_label=True (one sigmoid output)."
+        )
+
+
+def check_input_arguments(channels: int, pooling: str | None) -> None:
+    """Validates the input's `channels` and the backbone's `pooling`."""
+    if channels not in (1, 3):
+        raise ValueError(
+            "`channels` must be 1 (greyscale, replicated to RGB inside the model) or 3 (RGB); "
+            f"ImageNet backbones take 3-channel images. Received: channels={channels!r}. "
+            "Convert other images to greyscale or RGB first."
+        )
+    if pooling not in POOLING:
+        raise ValueError(
+            f"Unknown `pooling` type. Pooling should be one of {POOLING}. "
+            f"Received: pooling={pooling!r}"
+        )
+
+
+def check_dropout(dropout: float) -> None:
+    """Validates the head's `dropout` rate."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+
+
 def _inference_mode_only(backbone: keras.Model) -> None:
     """Makes the backbone compute its inference-mode function even when `fit` says training."""
     freeze_batchnorm(backbone)
@@ -212,8 +234,7 @@ def _inference_mode_only(backbone: keras.Model) -> None:
 
 def _head(x, units: int, activation: str, hidden_units: Sequence[int], dropout: float):
     """Hidden layers, then `Dense(name="logits")` -> `Activation(name="predictions")`."""
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+    check_dropout(dropout)
     for i, width in enumerate(hidden_units):
         x = keras.layers.Dense(width, activation="relu", name=f"head_dense_{i}")(x)
         if dropout:
@@ -281,13 +302,7 @@ def build_classifier(
     >>> model.output_shape
     (None, 3)
     """
-    check_int("num_classes", num_classes, minimum=1)
-    if num_classes < 2 and not multi_label:
-        raise ValueError(
-            "`num_classes` must be at least 2 for a softmax classifier (one class always gets "
-            f"probability 1). Received: num_classes={num_classes!r}. For a binary problem use "
-            "num_classes=2, or num_classes=1 with multi_label=True (one sigmoid output)."
-        )
+    check_num_classes(num_classes, multi_label)
     with dtype_policy(dtype):
         inputs, x, spec = _backbone_features(
             backbone,

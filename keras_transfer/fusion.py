@@ -20,14 +20,16 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
-from keras_transfer._validate import check_int, image_hw
+from keras_transfer._validate import image_hw
 from keras_transfer.backbones import Backbone, get_backbone
 from keras_transfer.builders import (
-    POOLING,
     _check_weights,
     _head,
     _image_size,
     _inference_mode_only,
+    check_dropout,
+    check_input_arguments,
+    check_num_classes,
     default_augmentation,
     dtype_policy,
 )
@@ -141,26 +143,9 @@ def build_fusion_classifier(
     ((None, 3), (None, 1856))
     """
     entries = _entries(backbones)
-    check_int("num_classes", num_classes, minimum=1)
-    if num_classes < 2 and not multi_label:
-        raise ValueError(
-            "`num_classes` must be at least 2 for a softmax classifier (one class always gets "
-            f"probability 1). Received: num_classes={num_classes!r}. For a binary problem use "
-            "num_classes=2, or num_classes=1 with multi_label=True (one sigmoid output)."
-        )
-    if channels not in (1, 3):
-        raise ValueError(
-            "`channels` must be 1 (greyscale, replicated to RGB inside the model) or 3 (RGB); "
-            f"ImageNet backbones take 3-channel images. Received: channels={channels!r}. "
-            "Convert other images to greyscale or RGB first."
-        )
-    if pooling not in POOLING:
-        raise ValueError(
-            f"Unknown `pooling` type. Pooling should be one of {POOLING}. "
-            f"Received: pooling={pooling!r}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+    check_num_classes(num_classes, multi_label)
+    check_input_arguments(channels, pooling)
+    check_dropout(dropout)
     # The input may be below a backbone's minimum when that backbone resizes to its own size.
     size = _image_size(entries[0][0], None) if image_size is None else image_hw(image_size)
 

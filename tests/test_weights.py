@@ -290,7 +290,7 @@ def test_imagenet_at_a_size_without_its_own_file_asks_for_the_file_keras_loads(
 ):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty cache: refused before any download
     with pytest.raises(ValueError, match="1.0_224_no_top.h5"):
-        builders.build_classifier("mobilenet_v2", 3, image_size=64, weights="imagenet")
+        builders.build_classifier("mobilenet_v2", 3, image_size=64, weights="imagenet")  # offline
 
 
 # --- the real torchvision checkpoint --------------------------------------------------------------
