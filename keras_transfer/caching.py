@@ -465,6 +465,69 @@ def _extractors(model: keras.Model, split: _Split, augment_views, jit_compile: b
     return plain, (_extract_fn(model, split, True, jit_compile) if augment_views else None)
 
 
+# Byte alignment of a store's buffer: TensorFlow's kernels assume Eigen's (at most 64 bytes).
+_ALIGNMENT = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on an `_ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _aliasing_tensor(array: np.ndarray) -> tf.Tensor:
+    """A CPU tensor over `array`'s own buffer (DLPack: no copy; the tensor keeps it alive).
+
+    `tf.constant(array)` copies, and holds a second transient copy while it does: at the end
+    of a caching pass that was two more copies of the whole cache at the peak. Dtypes DLPack
+    lacks (bfloat16) travel as unsigned integers of their size and are bitcast back, which
+    shares the buffer too.
+    """
+    array = np.ascontiguousarray(array)
+    try:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    except BufferError:
+        carrier = array.view(f"u{array.dtype.itemsize}")
+        tensor = tf.experimental.dlpack.from_dlpack(carrier.__dlpack__())
+        return tf.bitcast(tensor, tf.as_dtype(array.dtype))
+
+
+class _Store:
+    """One in-memory tap's activations, written batch by batch into one preallocated array.
+
+    Holding the batches in a list and concatenating them at the end needs the cache twice over
+    at that moment; here the pass writes each batch where it belongs, and `tensor` hands out the
+    filled rows without copying them. The array is sized on the first batch for `capacity`
+    examples (a bound or the exact count) and doubles if a pass brings more.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 1)
+        self.array: np.ndarray | None = None
+        self.size = 0
+
+    def append(self, batch: np.ndarray) -> None:
+        end = self.size + len(batch)
+        if self.array is None:
+            self.capacity = max(self.capacity, end)
+            self.array = _aligned_empty((self.capacity, *batch.shape[1:]), batch.dtype)
+        elif end > self.capacity:
+            self.capacity = max(2 * self.capacity, end)
+            grown = _aligned_empty((self.capacity, *self.array.shape[1:]), self.array.dtype)
+            grown[: self.size] = self.array[: self.size]
+            self.array = grown
+        self.array[self.size : end] = batch
+        self.size = end
+
+    def tensor(self) -> tf.Tensor:
+        """The activations so far, as a tensor sharing this store's buffer; empties the store."""
+        array, self.array = self.array, None
+        return _aliasing_tensor(array[: self.size])
+
+
 def _first_batch(dataset: tf.data.Dataset):
     """`(iterator, first element)` of `dataset`, or `(None, None)` when it is empty."""
     iterator = iter(dataset)
@@ -519,7 +582,7 @@ def build_caches(
     batches_known = int(dataset.cardinality())
     bound = first_size * batches_known if batches_known > 0 else None
     all_fit = bound is not None and bound * sum(per_example) <= budget[0]
-    stores: list[list[np.ndarray]] = [[] for _ in per_example]
+    stores = [_Store(bound or 0) for _ in per_example]
     targets: list[tuple[np.ndarray, ...]] = []
     keys: list[np.ndarray] = []
     in_memory = [True] * len(per_example)
@@ -549,13 +612,14 @@ def build_caches(
             pass
         n = sum(len(t[0]) for t in targets)
         if n * sum(per_example) > budget[0]:  # a later batch outgrew the first: redo exactly
-            stores, targets, keys, n = [[] for _ in per_example], [], [], None
+            stores, targets, keys, n = [], [], [], None
         else:
             budget[0] -= n * sum(per_example)
     del iterator, first
     path = None
     if n is None:
         n = _count_examples(dataset)
+        stores = [_Store(n) for _ in per_example]
         in_memory = []
         for size in per_example:
             in_memory.append(n * size <= budget[0])
@@ -615,13 +679,8 @@ def build_caches(
     caches = []
     for i, size in enumerate(per_example):
         if in_memory[i]:
-            # One copy at a time: the batches, then one array, then the tensor (each freed as
-            # soon as the next exists, so the peak is twice the cache, not three times).
-            parts, stores[i] = stores[i], []
-            merged = np.concatenate(parts)
-            del parts
-            array = tf.constant(merged)
-            del merged
+            # The store's own buffer becomes the tensor: the cache exists once, never copied.
+            array = stores[i].tensor()
             ds = tf.data.Dataset.from_tensor_slices((array, *target_arrays))
             caches.append(
                 FeatureCache(
