@@ -219,12 +219,21 @@ def multi_worker(args, n: int, workers: int) -> list[dict]:
     return results
 
 
-def throughput(folder_root: str, n: int, rounds: int = 5) -> dict:
-    """Images/s of `kt.data.from_folder` against bare list-read-decode `tf.data` pipelines, and
-    the time of the up-front corrupt-file scan, on the `n`-image PNG folder.
+def throughput(folder_root: str, n: int, rounds: int = 9) -> dict:
+    """Images/s and CPU time per image of `kt.data.from_folder` against bare `tf.data` pipelines
+    that list, read and decode the same files, and the time of the up-front corrupt-file scan, on
+    the `n`-image PNG folder.
 
-    The pipelines take turns, one full pass each per round, and each reports its median over
-    `rounds`: on a shared machine the load moves within seconds, and turns spread it evenly.
+    The bare pipelines: `decode` (list_files, read, decode_png: uint8 at the files' 28 px),
+    `decode + resize 96` (with the cast and per-image resize that `from_folder` does), and
+    `decode + resize 96 + labels` (the same, fed `(path, label)` pairs as `from_folder` is: the
+    labels are part of its output, and carrying them costs about 5% of the CPU per image).
+
+    The pipelines take turns, one full pass each per round, in an order that rotates and reverses
+    every round; each reports its median over `rounds`, and the ratios are medians of the
+    per-round ratios (neighbouring passes share the load). Wall time on a shared machine moves
+    by 2-4x between passes; the CPU time the process spends per image (`time.process_time`, all
+    threads) is the work done, and moves far less.
     """
     import statistics
 
@@ -235,8 +244,9 @@ def throughput(folder_root: str, n: int, rounds: int = 5) -> dict:
     from keras_transfer import data
 
     folder = write_folder(pathlib.Path(folder_root), n)
+    load_start = os.getloadavg()
     start = time.perf_counter()
-    paths, _, _ = data.scan_image_folder(folder)
+    paths, labels, _ = data.scan_image_folder(folder)
     scan = time.perf_counter() - start
     start = time.perf_counter()
     data.undecodable(paths)
@@ -246,13 +256,21 @@ def throughput(folder_root: str, n: int, rounds: int = 5) -> dict:
     for path in sample:  # the scan before it went parallel: one eager decode per file
         tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
     serial = (time.perf_counter() - start) / len(sample) * len(paths)
+    size = (IMAGE_SIZE, IMAGE_SIZE)
 
-    def bare(size=None):
-        def load(path):
-            image = tf.io.decode_png(tf.io.read_file(path), channels=1)
-            return image if size is None else tf.image.resize(tf.cast(image, tf.float32), size)
+    def decode(path):
+        return tf.io.decode_png(tf.io.read_file(path), channels=1)
 
-        files = tf.data.Dataset.list_files(str(folder / "*" / "*.png"), shuffle=False)
+    def bare(resize=False, with_labels=False):
+        def load(path, *label):
+            image = decode(path)
+            image = tf.image.resize(tf.cast(image, tf.float32), size) if resize else image
+            return (image, *label)
+
+        if with_labels:
+            files = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
+        else:
+            files = tf.data.Dataset.list_files(str(folder / "*" / "*.png"), shuffle=False)
         ds = files.map(load, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
 
@@ -261,30 +279,53 @@ def throughput(folder_root: str, n: int, rounds: int = 5) -> dict:
 
     pipelines = {
         "bare decode": bare(),
-        "bare decode + resize 96": bare((IMAGE_SIZE, IMAGE_SIZE)),
+        "bare decode + resize 96": bare(resize=True),
+        "bare decode + resize 96 + labels": bare(resize=True, with_labels=True),
         "from_folder 28 px": from_folder(28),
         "from_folder 96 px": from_folder(IMAGE_SIZE),
     }
     rates = {name: [] for name in pipelines}
+    cpu_us = {name: [] for name in pipelines}
     for ds in pipelines.values():
         for _ in ds.take(1):  # warm each pipeline before timing
             pass
-    for _ in range(rounds):
-        for name, ds in pipelines.items():
-            start, count = time.perf_counter(), 0
-            for batch in ds:
+    names = list(pipelines)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order[::-1] if r % 2 else order:
+            start, cpu, count = time.perf_counter(), time.process_time(), 0
+            for batch in pipelines[name]:
                 count += len(batch[0] if isinstance(batch, tuple) else batch)
             rates[name].append(count / (time.perf_counter() - start))
+            cpu_us[name].append(1e6 * (time.process_time() - cpu) / count)
+
+    def ratio(name, base):  # >1: from_folder faster (wall) or costlier (CPU)
+        walls = [a / b for a, b in zip(rates[name], rates[base], strict=True)]
+        cpus = [a / b for a, b in zip(cpu_us[name], cpu_us[base], strict=True)]
+        return {"images_per_s": statistics.median(walls), "cpu_per_image": statistics.median(cpus)}
+
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    epoch = len(paths) / medians["from_folder 96 px"]
     return {
         "images": len(paths),
+        "rounds": rounds,
         "scan_seconds": scan,
         "decode_check_seconds": check,
         "serial_check_seconds_estimated": serial,
-        "from_folder_96px_epoch_seconds": epoch,
+        "from_folder_96px_epoch_seconds": len(paths) / medians["from_folder 96 px"],
         "images_per_s_median": medians,
+        "cpu_us_per_image_median": {k: statistics.median(v) for k, v in cpu_us.items()},
+        "ratios_median": {
+            "from_folder 28 px / bare decode": ratio("from_folder 28 px", "bare decode"),
+            "from_folder 96 px / bare decode + resize 96": ratio(
+                "from_folder 96 px", "bare decode + resize 96"
+            ),
+            "from_folder 96 px / bare decode + resize 96 + labels": ratio(
+                "from_folder 96 px", "bare decode + resize 96 + labels"
+            ),
+        },
         "images_per_s_rounds": {k: np.round(v).tolist() for k, v in rates.items()},
+        "cpu_us_per_image_rounds": {k: np.round(v, 1).tolist() for k, v in cpu_us.items()},
+        "loadavg_start": load_start,
         "loadavg": os.getloadavg(),
     }
 
@@ -330,6 +371,7 @@ def main() -> None:
         "--folder-root", default=os.path.join(tempfile.gettempdir(), "kt_scale_fashion_png")
     )
     parser.add_argument("--throughput", action="store_true", help="input pipeline figures only")
+    parser.add_argument("--rounds", type=int, default=9, help="passes per pipeline (--throughput)")
     parser.add_argument(
         "--workers", type=int, default=0, help="run the cached arrays case as this many workers"
     )
@@ -345,7 +387,7 @@ def main() -> None:
         for r in results:
             print(json.dumps(r))
     elif args.throughput:
-        results = [throughput(args.folder_root, n) for n in args.sizes]
+        results = [throughput(args.folder_root, n, args.rounds) for n in args.sizes]
         for r in results:
             print(json.dumps(r))
     else:

@@ -203,8 +203,9 @@ def from_folder(
         image = tf.io.decode_image(
             tf.io.read_file(path), channels=channels, expand_animations=False
         )
-        image = tf.image.resize(tf.cast(image, tf.float32), size)
-        return tf.ensure_shape(image, (*size, channels)), label
+        # The resize to a constant size already gives the static (height, width, channels)
+        # shape; an ensure_shape would be one more op per image for nothing.
+        return tf.image.resize(tf.cast(image, tf.float32), size), label
 
     def make(indices, training):
         ds = tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices]))

@@ -96,6 +96,15 @@ def test_folder_without_cache_shuffles_file_names_not_decoded_images(folder):
     assert _shuffle_inputs(cached)[0][0].dtype == tf.float32  # after the in-memory cache
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_folder_batches_have_a_static_image_shape(folder, cache):
+    # Models and the activation cache are built from element_spec: it must carry the size.
+    ds = kt.data.from_folder(folder, image_size=(12, 20), channels=1, batch_size=4, cache=cache)
+    assert ds.element_spec[0].shape.as_list() == [None, 12, 20, 1]
+    assert ds.element_spec[1].dtype == tf.int32
+    assert next(iter(ds))[0].shape == (4, 12, 20, 1)
+
+
 @pytest.mark.parametrize(
     "make_bad, match",
     [
