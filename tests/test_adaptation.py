@@ -159,6 +159,25 @@ def test_coral_loss_on_hand_made_covariances():
     assert float(ad.coral_loss(target, target + 3.0)) < 1e-10
 
 
+def test_coral_loss_of_wide_features_equals_the_covariance_formula():
+    """Above 512 features the loss goes through Gram matrices: the same value, gradients too."""
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(24, 600)).astype("float32")
+    target = (rng.normal(size=(20, 600)) * np.linspace(0.5, 2.0, 600) + 3.0).astype("float32")
+    s64, t64 = source.astype("float64"), target.astype("float64")
+    expected = np.sum((np.cov(s64, rowvar=False) - np.cov(t64, rowvar=False)) ** 2) / (4 * 600**2)
+    assert float(ad.coral_loss(source, target)) == pytest.approx(expected, rel=1e-4)
+    variable = tf.Variable(source)
+    with tf.GradientTape() as tape:
+        loss = ad.coral_loss(variable, target)
+    gradient = tape.gradient(loss, variable).numpy()
+    difference = np.cov(s64, rowvar=False) - np.cov(t64, rowvar=False)
+    centred = s64 - s64.mean(axis=0)
+    # d/dXs of ‖Cs − Ct‖² / 4d² with Cs = Xcᵀ Xc / (n − 1): 4 Xc (Cs − Ct) / ((n − 1) 4 d²).
+    expected_gradient = centred @ difference * 4 / (23 * 4 * 600**2)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-3, atol=1e-9)
+
+
 def test_mmd_near_zero_for_one_distribution_and_positive_for_shifted():
     for seed in range(3):
         a, b = np.random.default_rng(seed).normal(size=(2, 64, 8)).astype("float32")

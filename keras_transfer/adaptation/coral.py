@@ -2,6 +2,10 @@
 
 ℓ_CORAL = ‖C_S − C_T‖²_F / (4 d²), with C the covariance of a batch's d-dimensional features
 over its samples (unbiased, divided by n − 1), added to the task loss with weight `trade_off`.
+Wide features (a flattened conv map, d in the thousands) never form the d × d covariances: with
+X_S, X_T the centred batches, ‖C_S − C_T‖²_F = ‖X_S X_Sᵀ‖²_F / (n_S − 1)² + ‖X_T X_Tᵀ‖²_F /
+(n_T − 1)² − 2 ‖X_S X_Tᵀ‖²_F / ((n_S − 1)(n_T − 1)), batch-by-batch Gram matrices, O(n² d) work
+instead of O(n d²).
 """
 
 from __future__ import annotations
@@ -19,8 +23,36 @@ def covariance(features):
     return keras.ops.matmul(keras.ops.transpose(centred), centred) / (n - 1.0)
 
 
+# Above this width the loss goes through the batch Gram matrices (same value, far less work).
+_GRAM_ABOVE = 512
+
+
+def _centred(features):
+    features = keras.ops.cast(features, "float32")
+    return features - keras.ops.mean(features, axis=0, keepdims=True)
+
+
+def _gram_distance(source, target):
+    """‖C_S − C_T‖²_F from the n × n Gram matrices of the centred batches (no d × d matrix)."""
+    xs, xt = _centred(source), _centred(target)
+    ns = keras.ops.cast(keras.ops.shape(xs)[0], "float32") - 1.0
+    nt = keras.ops.cast(keras.ops.shape(xt)[0], "float32") - 1.0
+
+    def squared_norm(a, b):
+        return keras.ops.sum(keras.ops.square(keras.ops.matmul(a, keras.ops.transpose(b))))
+
+    return (
+        squared_norm(xs, xs) / (ns * ns)
+        + squared_norm(xt, xt) / (nt * nt)
+        - 2.0 * squared_norm(xs, xt) / (ns * nt)
+    )
+
+
 def coral_loss(source, target):
     """‖C_S − C_T‖²_F / (4 d²) between two `(n, d)` feature batches (n >= 2 each).
+
+    For d above 512 it is computed through the batches' Gram matrices, the same value up to
+    float32 rounding, without forming the two d × d covariances.
 
     Example:
     >>> import numpy as np
@@ -30,6 +62,8 @@ def coral_loss(source, target):
     """
     source, target = keras.ops.convert_to_tensor(source), keras.ops.convert_to_tensor(target)
     d = source.shape[-1]
+    if d > _GRAM_ABOVE:
+        return keras.ops.maximum(_gram_distance(source, target), 0.0) / (4.0 * d * d)
     difference = covariance(source) - covariance(target)
     return keras.ops.sum(keras.ops.square(difference)) / (4.0 * d * d)
 
