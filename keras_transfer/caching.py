@@ -678,12 +678,12 @@ def build_caches(
             f"the training data gave {len(expected_keys)} images on one pass and "
             f"{len(key_array)} on the next; pass cache=False"
         )
+    target_tensors = tuple(tf.convert_to_tensor(t) for t in target_arrays)
     caches = []
     for i, size in enumerate(per_example):
         if in_memory[i]:
             # The store's own buffer becomes the tensor: the cache exists once, never copied.
             array = stores[i].tensor()
-            target_tensors = tuple(tf.convert_to_tensor(t) for t in target_arrays)
             ds = tf.data.Dataset.from_tensor_slices((array, *target_tensors))
             caches.append(
                 FeatureCache(
